@@ -1,0 +1,42 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+// Layers, lowest first; a target only imports the ones above it in this list.
+//   CFerry         C shim: kernel UAPI headers, ioctl numbers, syscall wrappers
+//   FerrySys       typed syscall gateway (errno -> SysError, EINTR retry)
+//   FerryMemory    guest RAM blocks, page bitmaps, the memory checker
+//   FerryKVM       Kvm -> VirtualMachine -> VCPU, vCPU state, dirty log
+//   FerryMachine   a running VM: vCPU thread, serial port, guest loading
+//   FerryWire      pure stream codec (no I/O)
+//   FerryMigration state machine, source, destination, channels
+//   FerryQMP       QMP server
+//   ferry          the CLI
+let package = Package(
+    name: "Ferry",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "ferry", targets: ["ferry"]),
+    ],
+    dependencies: [
+        // The CLI's subcommands and options (`ferry run`, `ferry migrate`, ...).
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .target(name: "CFerry"),
+        .target(name: "FerrySys", dependencies: ["CFerry"]),
+        .target(name: "FerryMemory", dependencies: ["FerrySys", "CFerry"]),
+        .target(name: "FerryKVM", dependencies: ["FerrySys", "FerryMemory", "CFerry"]),
+        .target(name: "FerryMachine", dependencies: ["FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
+        .target(name: "FerryWire", dependencies: []),
+        .target(name: "FerryMigration", dependencies: ["FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
+        .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryMachine", "FerrySys", "CFerry"]),
+        .executableTarget(name: "ferry", dependencies: [
+            "FerryQMP", "FerryMigration", "FerryMachine", "FerryMemory", "FerrySys",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "FerryTests", dependencies: [
+            "FerryQMP", "FerryMigration", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry",
+        ]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,243 @@
+import CFerry
+import FerryKVM
+import FerryMemory
+import FerrySys
+import Glibc
+
+/// The machine layer's error.
+public struct MachineError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable { case config, guestImage, kvm, state, vcpu }
+    public let code: Code
+    public let message: String
+    public let cause: (any Error)?
+    public init(_ code: Code, _ message: String, cause: (any Error)? = nil) {
+        self.code = code; self.message = message; self.cause = cause
+    }
+    public var description: String { message + (cause.map { ": \($0)" } ?? "") }
+}
+
+/// What the vCPU is doing, as seen by the VMM.
+public enum VCPURunState: String, Sendable {
+    case created, running, paused, halted, shutdown, internalError = "internal-error", stopped
+}
+
+/// A running VM: KVM VM + guest RAM (`pc.ram` at 0, slot 0) + one vCPU on a dedicated
+/// thread + COM1. Pause/resume from any thread; pausing always completes a pending I/O
+/// exit first (KVM_RUN with immediate_exit), so saved state is consistent.
+public final class Machine: @unchecked Sendable {
+    public static let ramSlot: UInt32 = 0
+    /// The signal that kicks the vCPU thread out of KVM_RUN.
+    public static let kickSignal = SIGUSR1
+
+    public let kvm: Kvm
+    public let vm: VirtualMachine
+    public let memory: GuestMemory
+    public let vcpu: VCPU
+    public let serial: SerialPort
+
+    private let monitor = Monitor()
+    private var thread: KernelThread?
+    private var pauseRequested = false
+    private var quitRequested = false
+    private var parked = false
+    private var _state: VCPURunState = .created
+    private var _error: String?
+    private var _unhandledIO = 0
+    private var _exits = 0
+
+    /// Called on the vCPU thread when the guest stops by itself (shutdown or error).
+    public var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)?
+
+    public var ram: RAMBlock { memory.blocks[0] }
+
+    public init(memorySize: Int, serial sink: SerialSink = .none, kvm: Kvm? = nil) throws(MachineError) {
+        guard memorySize >= 2 << 20 else {
+            throw MachineError(.config, "memory size \(memorySize) is too small: the guest needs at least 2 MiB")
+        }
+        guard memorySize <= 0xfffb_c000 else {
+            throw MachineError(.config, "memory size \(memorySize) overlaps the KVM TSS pages below 4 GiB; at most \(0xfffb_c000) bytes")
+        }
+        do {
+            self.kvm = try kvm ?? Kvm()
+            self.vm = try self.kvm.createVM()
+            self.memory = try GuestMemory.pc(size: memorySize)
+            try vm.map(memory.blocks[0], slot: Self.ramSlot)
+            self.vcpu = try vm.createVCPU()
+            self.serial = try SerialPort(sink: sink)
+        } catch let e as KVMError {
+            throw MachineError(.kvm, "cannot create the VM", cause: e)
+        } catch {
+            throw MachineError(.config, "cannot create the VM", cause: error)
+        }
+        _ = ferry_install_kick_handler(Self.kickSignal)
+    }
+
+    deinit { stop() }
+
+    // MARK: guest loading
+
+    /// Loads a raw disk image's boot sector at 0x7c00 and sets the vCPU as a BIOS would
+    /// hand over: real mode, CS:IP = 0000:7c00, DL = 0x80. No BIOS services exist.
+    public func loadBootSector(_ image: [UInt8]) throws(MachineError) {
+        guard image.count >= 512 else {
+            throw MachineError(.guestImage, "guest image is \(image.count) bytes; a boot sector needs 512")
+        }
+        guard image[510] == 0x55, image[511] == 0xaa else {
+            throw MachineError(.guestImage, "guest image has no boot signature (bytes 510-511 are not 55 aa)")
+        }
+        do {
+            try Array(image[0..<512]).withUnsafeBytes { b throws in try memory.write(gpa: 0x7c00, b) }
+            try vcpu.resetToRealMode(ip: 0x7c00)
+        } catch {
+            throw MachineError(.guestImage, "cannot load the boot sector", cause: error)
+        }
+    }
+
+    public func loadTestGuest() throws(MachineError) {
+        try loadBootSector(TestGuest.image(forMemory: ram.length))
+    }
+
+    // MARK: state
+
+    public var state: VCPURunState { monitor.withLock { _state } }
+    public var lastError: String? { monitor.withLock { _error } }
+    /// Port and MMIO accesses to devices Ferry does not model (ignored; reads give 0xff).
+    public var unhandledIOCount: Int { monitor.withLock { _unhandledIO } }
+
+    // MARK: vCPU thread
+
+    /// Starts the vCPU thread (running unless `paused`).
+    public func start(paused: Bool = false) throws(MachineError) {
+        let failure: MachineError? = monitor.withLock {
+            guard thread == nil else { return MachineError(.state, "the vCPU is already started") }
+            pauseRequested = paused
+            if paused { vcpu.immediateExit = true }
+            _state = paused ? .paused : .running
+            do {
+                thread = try KernelThread(name: "vcpu0") { [unowned self] in self.vcpuLoop() }
+                return nil
+            } catch {
+                return MachineError(.vcpu, "cannot start the vCPU thread", cause: error)
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Stops the guest and waits until the vCPU thread is parked with no pending I/O.
+    /// Safe to call from any thread, repeatedly.
+    public func pause() {
+        monitor.withLock {
+            guard thread != nil, !quitRequested else { return }
+            vcpu.immediateExit = true
+            pauseRequested = true
+            monitor.broadcast()
+        }
+        thread?.kick(Self.kickSignal)
+        monitor.withLock {
+            while !parked && !quitRequested && thread != nil { monitor.wait(timeoutNanos: 10_000_000) }
+            if _state == .running || _state == .halted { _state = .paused }
+        }
+    }
+
+    /// Lets the guest run again after `pause()`.
+    public func resume() {
+        monitor.withLock {
+            guard pauseRequested else { return }
+            pauseRequested = false
+            vcpu.immediateExit = false
+            if _state == .paused { _state = .running }
+            monitor.broadcast()
+        }
+    }
+
+    public var isPaused: Bool { monitor.withLock { pauseRequested && parked } }
+
+    /// Ends the vCPU thread for good.
+    public func stop() {
+        let t: KernelThread? = monitor.withLock {
+            quitRequested = true
+            vcpu.immediateExit = true
+            monitor.broadcast()
+            return thread
+        }
+        guard let t else { return }
+        t.kick(Self.kickSignal)
+        t.join()
+        monitor.withLock {
+            thread = nil
+            if _state == .running || _state == .paused || _state == .halted { _state = .stopped }
+        }
+    }
+
+    private func vcpuLoop() {
+        _ = ferry_unblock_signal(Self.kickSignal)
+        var lastWasInterrupt = true
+        while true {
+            let proceed: Bool = monitor.withLock {
+                // Park only after a KVM_RUN that returned EINTR, so a pending I/O exit
+                // has been completed and the register state is final.
+                while (pauseRequested && lastWasInterrupt) || (_state == .halted && !pauseRequested) || isFinished {
+                    if quitRequested { return false }
+                    if pauseRequested && lastWasInterrupt { parked = true; monitor.broadcast() }
+                    monitor.wait()
+                }
+                parked = false
+                if quitRequested { return false }
+                return true
+            }
+            if !proceed { break }
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.runOnce()
+            } catch {
+                guestStopped(.internalError, "KVM_RUN failed: \(error)")
+                continue
+            }
+            lastWasInterrupt = false
+            switch exit {
+            case .interrupted:
+                lastWasInterrupt = true
+            case let .io(port, isOut, size, count, data):
+                handleIO(port: port, isOut: isOut, size: size, count: count, data: data)
+            case let .mmio(_, isWrite, length, data):
+                if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0xff, count: min(length, 8)) }
+                monitor.withLock { _unhandledIO += 1 }
+            case .hlt:
+                monitor.withLock { if _state == .running { _state = .halted } }
+            case .shutdown:
+                guestStopped(.shutdown, "the guest shut down (triple fault)")
+            case let .failEntry(reason):
+                guestStopped(.internalError, "KVM could not enter the guest (hardware entry failure reason 0x\(String(reason, radix: 16)))")
+            case let .internalError(sub):
+                guestStopped(.internalError, "KVM internal error, suberror \(sub) (often an instruction KVM cannot emulate)")
+            case let .other(reason):
+                guestStopped(.internalError, "unhandled KVM exit reason \(reason)")
+            }
+            _exits &+= 1
+        }
+        monitor.withLock { parked = true; monitor.broadcast() }
+    }
+
+    private var isFinished: Bool { _state == .shutdown || _state == .internalError }
+
+    private func guestStopped(_ s: VCPURunState, _ message: String) {
+        monitor.withLock { _state = s; _error = message; monitor.broadcast() }
+        onGuestStop?(s, message)
+    }
+
+    private func handleIO(port: UInt16, isOut: Bool, size: Int, count: Int, data: UnsafeMutableRawPointer) {
+        for i in 0..<count {
+            let p = data + i * size
+            if serial.contains(port) {
+                if isOut { serial.write(port: port, value: p.load(as: UInt8.self)) }
+                else { p.initializeMemory(as: UInt8.self, repeating: 0, count: size); p.storeBytes(of: serial.read(port: port), as: UInt8.self) }
+            } else if port == 0x92 {
+                // System control port A: report A20 enabled; writes (A20, fast reset) are ignored.
+                if !isOut { p.initializeMemory(as: UInt8.self, repeating: 0, count: size); p.storeBytes(of: 0x02, as: UInt8.self) }
+            } else {
+                if !isOut { p.initializeMemory(as: UInt8.self, repeating: 0xff, count: size) }
+                if i == 0 { monitor.withLock { _unhandledIO += 1 } }
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+import CFerry
+import FerrySys
+import Glibc
+
+/// Target page size: dirty tracking, the wire and the bitmaps all count 4 KiB pages.
+public let targetPageSize = 4096
+public let targetPageShift = 12
+
+/// The memory layer's error: a code, a message and the system error behind it.
+public struct MemoryError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable { case mapFailed, outOfRange, badSize }
+    public let code: Code
+    public let message: String
+    public let cause: SysError?
+    public init(_ code: Code, _ message: String, cause: SysError? = nil) {
+        self.code = code; self.message = message; self.cause = cause
+    }
+    public var description: String { "\(message)" + (cause.map { ": \($0)" } ?? "") }
+}
+
+/// One RAM block: host-anonymous memory mapped into the guest at `guestAddress`.
+/// The named unit of the migration stream (QEMU's RAMBlock, e.g. `pc.ram`).
+public final class RAMBlock: @unchecked Sendable {
+    public let name: String
+    public let guestAddress: UInt64
+    /// Used length in bytes, a multiple of the target page size.
+    public let length: Int
+    public let host: UnsafeMutableRawPointer
+    /// Pages written by Ferry itself (loader, device models, the migration destination),
+    /// which KVM's dirty log does not see.
+    public let vmmDirty: PageBitmap
+
+    public init(name: String, guestAddress: UInt64, length: Int) throws(MemoryError) {
+        guard length > 0, length % targetPageSize == 0 else {
+            throw MemoryError(.badSize, "RAM block \(name): size \(length) is not a positive multiple of \(targetPageSize)")
+        }
+        guard name.utf8.count <= 255 else { throw MemoryError(.badSize, "RAM block name longer than 255 bytes") }
+        self.name = name
+        self.guestAddress = guestAddress
+        self.length = length
+        do {
+            self.host = try Sys.mmapAnonymous(size: length)
+        } catch {
+            throw MemoryError(.mapFailed, "cannot map \(length) bytes for RAM block \(name)", cause: error)
+        }
+        self.vmmDirty = PageBitmap(bitCount: length / targetPageSize)
+    }
+
+    deinit { Sys.munmap(host, size: length) }
+
+    public var pageCount: Int { length / targetPageSize }
+
+    @inline(__always) public func page(_ index: Int) -> UnsafeMutableRawPointer {
+        host + index << targetPageShift
+    }
+
+    public func contains(offset: UInt64, count: Int) -> Bool {
+        count >= 0 && offset <= UInt64(length) && UInt64(count) <= UInt64(length) - offset
+    }
+
+    /// Copies bytes in at `offset` and marks the pages dirty for migration.
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws(MemoryError) {
+        guard contains(offset: UInt64(offset), count: bytes.count) else {
+            throw MemoryError(.outOfRange, "write of \(bytes.count) bytes at \(offset) outside \(name) (\(length) bytes)")
+        }
+        guard bytes.count > 0 else { return }
+        (host + offset).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        markDirty(offset: offset, count: bytes.count)
+    }
+
+    public func markDirty(offset: Int, count: Int) {
+        guard count > 0 else { return }
+        for p in (offset >> targetPageShift)...((offset + count - 1) >> targetPageShift) { vmmDirty.set(p) }
+    }
+}
+
+/// The guest's RAM: its blocks and where they sit in guest-physical space.
+public final class GuestMemory: @unchecked Sendable {
+    public let blocks: [RAMBlock]
+
+    public init(blocks: [RAMBlock]) { self.blocks = blocks }
+
+    /// A PC-style layout: one block `pc.ram` at guest address 0.
+    public static func pc(size: Int) throws(MemoryError) -> GuestMemory {
+        GuestMemory(blocks: [try RAMBlock(name: "pc.ram", guestAddress: 0, length: size)])
+    }
+
+    public var totalBytes: Int { blocks.reduce(0) { $0 + $1.length } }
+
+    public func block(named name: String) -> RAMBlock? { blocks.first { $0.name == name } }
+
+    /// The block and offset holding guest-physical address `gpa` with `count` bytes after it.
+    public func resolve(gpa: UInt64, count: Int) -> (RAMBlock, Int)? {
+        for b in blocks where gpa >= b.guestAddress {
+            let off = gpa - b.guestAddress
+            if b.contains(offset: off, count: count) { return (b, Int(off)) }
+        }
+        return nil
+    }
+
+    public func write(gpa: UInt64, _ bytes: UnsafeRawBufferPointer) throws(MemoryError) {
+        guard let (b, off) = resolve(gpa: gpa, count: bytes.count) else {
+            throw MemoryError(.outOfRange, "guest address 0x\(String(gpa, radix: 16)) + \(bytes.count) is not RAM")
+        }
+        try b.write(bytes, at: off)
+    }
+
+    public func read(gpa: UInt64, count: Int) throws(MemoryError) -> [UInt8] {
+        guard let (b, off) = resolve(gpa: gpa, count: count) else {
+            throw MemoryError(.outOfRange, "guest address 0x\(String(gpa, radix: 16)) + \(count) is not RAM")
+        }
+        return Array(UnsafeRawBufferPointer(start: b.host + off, count: count))
+    }
+}

@@ -1,0 +1,110 @@
+import CFerry
+import Glibc
+
+/// An errno from a failed system call, with the call that failed.
+/// The one error type of the syscall layer.
+public struct SysError: Error, CustomStringConvertible, Sendable, Equatable {
+    public let errno: Int32
+    public let call: String
+
+    public init(errno: Int32, call: String) {
+        self.errno = errno
+        self.call = call
+    }
+
+    public var description: String {
+        "\(call): \(String(cString: strerror(errno))) (errno \(errno))"
+    }
+
+    public static let wouldBlock = EAGAIN
+}
+
+/// The typed syscall gateway: every libc/ioctl call of Ferry goes through here.
+/// EINTR is retried unless the caller asks otherwise; failures become `SysError`.
+public enum Sys {
+    /// Runs `body`, which returns -errno or a result, retrying EINTR.
+    @inline(__always)
+    public static func negErrno(_ call: @autoclosure () -> String, retryOnInterrupt: Bool = true,
+                                _ body: () -> Int32) throws(SysError) -> Int32 {
+        while true {
+            let r = body()
+            if r >= 0 { return r }
+            if -r == EINTR && retryOnInterrupt { continue }
+            throw SysError(errno: -r, call: call())
+        }
+    }
+
+    /// Runs a libc call that returns -1 and sets errno, retrying EINTR.
+    @inline(__always)
+    public static func libc<T: BinaryInteger>(_ call: @autoclosure () -> String, retryOnInterrupt: Bool = true,
+                                              _ body: () -> T) throws(SysError) -> T {
+        while true {
+            let r = body()
+            if r >= 0 { return r }
+            let e = Glibc.errno
+            if e == EINTR && retryOnInterrupt { continue }
+            throw SysError(errno: e, call: call())
+        }
+    }
+
+    public static func close(_ fd: Int32) {
+        _ = Glibc.close(fd)
+    }
+
+    /// Writes all of `buffer`, looping on short writes.
+    public static func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SysError) {
+        var done = 0
+        while done < buffer.count {
+            let n = try libc("write") { Glibc.write(fd, buffer.baseAddress! + done, buffer.count - done) }
+            done += n
+        }
+    }
+
+    /// Reads exactly `buffer.count` bytes; returns false on EOF before the first byte,
+    /// throws ECONNRESET-like `SysError(errno: EPIPE)` on EOF mid-buffer.
+    public static func readExactly(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) throws(SysError) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = try libc("read") { Glibc.read(fd, buffer.baseAddress! + done, buffer.count - done) }
+            if n == 0 {
+                if done == 0 { return false }
+                throw SysError(errno: EPIPE, call: "read (EOF after \(done) of \(buffer.count) bytes)")
+            }
+            done += n
+        }
+        return true
+    }
+
+    /// Anonymous private mapping, the backing of guest RAM.
+    public static func mmapAnonymous(size: Int) throws(SysError) -> UnsafeMutableRawPointer {
+        let p = Glibc.mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if p == MAP_FAILED || p == nil { throw SysError(errno: Glibc.errno, call: "mmap(\(size))") }
+        return p!
+    }
+
+    public static func mmapShared(fd: Int32, size: Int) throws(SysError) -> UnsafeMutableRawPointer {
+        let p = Glibc.mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if p == MAP_FAILED || p == nil { throw SysError(errno: Glibc.errno, call: "mmap(fd \(fd))") }
+        return p!
+    }
+
+    public static func munmap(_ p: UnsafeMutableRawPointer, size: Int) {
+        _ = Glibc.munmap(p, size)
+    }
+
+    public static func eventfd(initial: UInt32 = 0) throws(SysError) -> Int32 {
+        try negErrno("eventfd") { ferry_eventfd(initial) }
+    }
+
+    public static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    public static func wallClock() -> (seconds: Int, microseconds: Int) {
+        var tv = timeval()
+        gettimeofday(&tv, nil)
+        return (Int(tv.tv_sec), Int(tv.tv_usec))
+    }
+}

@@ -1,0 +1,168 @@
+import ArgumentParser
+import FerryMachine
+import FerryMemory
+import FerrySys
+import Glibc
+
+@main
+struct Ferry: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ferry",
+        abstract: "Live migration of KVM virtual machines.",
+        subcommands: [Run.self, GuestImage.self, CheckMemory.self])
+}
+
+/// Parses sizes as QEMU does: plain bytes or a K/M/G/T suffix (powers of 1024).
+struct ByteSize: ExpressibleByArgument {
+    let bytes: Int
+    init?(argument: String) {
+        var s = argument.uppercased()
+        if s.hasSuffix("IB") { s.removeLast(2) } else if s.hasSuffix("B") { s.removeLast() }
+        var mult = 1
+        if let last = s.last, let k = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40][String(last)] {
+            mult = k
+            s.removeLast()
+        }
+        guard let v = Int(s), v > 0 else { return nil }
+        bytes = v * mult
+    }
+}
+
+extension SerialSink: ExpressibleByArgument {
+    public init?(argument: String) {
+        switch argument {
+        case "stdio", "stdout": self = .stdout
+        case "none", "null": self = .none
+        default: self = .file(argument)
+        }
+    }
+}
+
+/// Blocks SIGINT/SIGTERM in every thread (call before starting any) and returns a waiter.
+func blockTerminationSignals() -> () -> Int32 {
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGINT)
+    sigaddset(&set, SIGTERM)
+    pthread_sigmask(SIG_BLOCK, &set, nil)
+    // A shell starts background jobs with SIGINT ignored; an ignored signal is dropped
+    // even while blocked, so sigwait would never see it.
+    signal(SIGINT, SIG_DFL)
+    signal(SIGTERM, SIG_DFL)
+    return {
+        var sig: Int32 = 0
+        sigwait(&set, &sig)
+        return sig
+    }
+}
+
+func fail(_ message: String) -> Never {
+    FileHandleStderr.write("ferry: \(message)\n")
+    Glibc.exit(1)
+}
+
+enum FileHandleStderr {
+    static func write(_ s: String) {
+        var s = s
+        s.withUTF8 { _ = try? Sys.writeAll(2, UnsafeRawBufferPointer($0)) }
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run a VM until interrupted.")
+
+    @Option(help: "Guest RAM size (e.g. 256M, 1G).")
+    var memory: ByteSize = ByteSize(argument: "256M")!
+
+    @Option(help: "A raw disk image whose first sector is a boot sector. Default: the built-in test guest.")
+    var guest: String?
+
+    @Option(help: "Where guest serial (COM1) output goes: stdio, none, or a file path.")
+    var serial: SerialSink = .stdout
+
+    func run() throws {
+        let waitForSignal = blockTerminationSignals()
+        let machine: Machine
+        do {
+            machine = try Machine(memorySize: memory.bytes, serial: serial)
+            if let guest {
+                try machine.loadBootSector(try readFile(guest))
+            } else {
+                try machine.loadTestGuest()
+            }
+            machine.onGuestStop = { state, message in
+                FileHandleStderr.write("ferry: guest stopped (\(state.rawValue)): \(message ?? "")\n")
+            }
+            try machine.start()
+        } catch {
+            fail("\(error)")
+        }
+        _ = waitForSignal()
+        machine.stop()
+        if machine.unhandledIOCount > 0 {
+            FileHandleStderr.write("ferry: \(machine.unhandledIOCount) accesses to unmodelled I/O ports were ignored\n")
+        }
+    }
+}
+
+func readFile(_ path: String) throws -> [UInt8] {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw SysError(errno: errno, call: "open(\(path))") }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let n = try buf.withUnsafeMutableBytes { p in try Sys.libc("read(\(path))") { read(fd, p.baseAddress, p.count) } }
+        if n == 0 { break }
+        out += buf[0..<n]
+    }
+    return out
+}
+
+func writeFile(_ path: String, _ bytes: [UInt8]) throws {
+    let fd = try Sys.libc("open(\(path))") { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) }
+    defer { close(fd) }
+    try bytes.withUnsafeBytes { try Sys.writeAll(fd, $0) }
+}
+
+struct GuestImage: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "guest-image",
+        abstract: "Write the test guest's boot sector with TOP set for a RAM size, for other VMMs.")
+
+    @Option(help: "The guest's RAM size; the guest walks pages from 1 MiB up to it.")
+    var memory: ByteSize = ByteSize(argument: "512M")!
+
+    @Option(help: "Output image path.")
+    var output: String
+
+    func run() throws {
+        let top = TestGuest.top(forMemory: memory.bytes)
+        do { try writeFile(output, TestGuest.image(top: top)) } catch { fail("\(error)") }
+        print("wrote \(output): 512-byte boot sector, TOP = 0x\(String(top, radix: 16))")
+    }
+}
+
+struct CheckMemory: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check-memory",
+        abstract: "Check a raw guest memory dump (from guest-physical 0) against the test guest's rule.")
+
+    @Argument(help: "Raw memory dump, e.g. from QMP pmemsave.")
+    var dump: String
+
+    @Option(help: "End of the checked range (the guest's TOP), e.g. 512M or 0x20000000.")
+    var top: String
+
+    func run() throws {
+        let topValue: UInt64
+        if top.hasPrefix("0x"), let v = UInt64(top.dropFirst(2), radix: 16) { topValue = v }
+        else if let b = ByteSize(argument: top) { topValue = UInt64(b.bytes) }
+        else { fail("bad --top \(top)") }
+        let bytes: [UInt8]
+        do { bytes = try readFile(dump) } catch { fail("\(error)") }
+        let report = bytes.withUnsafeBytes { MemoryChecker(top: topValue).check($0) }
+        print(report)
+        if !report.passed { throw ExitCode(1) }
+    }
+}
