@@ -1,0 +1,34 @@
+import FerryMachine
+import FerryMemory
+import FerrySys
+import Glibc
+import Testing
+
+/// Polls `condition` every 5 ms until it holds or `seconds` pass; returns whether it held.
+func waitUntil(seconds: Double = 20, _ condition: () -> Bool) -> Bool {
+    let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
+    while Sys.monotonicNanos() < deadline {
+        if condition() { return true }
+        usleep(5_000)
+    }
+    return condition()
+}
+
+func count(_ byte: UInt8, in serial: SerialPort) -> Int {
+    serial.recentOutput.reduce(0) { $0 + ($1 == byte ? 1 : 0) }
+}
+
+/// Waits until the guest has printed `n` more 'B's (full passes) than now.
+func waitForPasses(_ m: Machine, _ n: Int, seconds: Double = 30) -> Bool {
+    let start = m.serial.bytesWritten
+    return waitUntil(seconds: seconds) { m.serial.bytesWritten >= start + n }
+}
+
+func checkMemory(_ m: Machine) -> MemoryChecker.Report {
+    MemoryChecker(top: UInt64(TestGuest.top(forMemory: m.ram.length))).check(base: m.ram.host, size: m.ram.length)
+}
+
+/// The first byte of every page the test guest walks.
+func pageBytes(_ m: Machine) -> [UInt8] {
+    stride(from: 0x10_0000, to: m.ram.length, by: 4096).map { m.ram.host.load(fromByteOffset: $0, as: UInt8.self) }
+}
