@@ -32,3 +32,11 @@ func checkMemory(_ m: Machine) -> MemoryChecker.Report {
 func pageBytes(_ m: Machine) -> [UInt8] {
     stride(from: 0x10_0000, to: m.ram.length, by: 4096).map { m.ram.host.load(fromByteOffset: $0, as: UInt8.self) }
 }
+
+/// Collects values from other threads (event subscribers).
+final class Recorder<T>: @unchecked Sendable {
+    private let lock = Monitor()
+    private var items: [T] = []
+    func append(_ t: T) { lock.withLock { items.append(t) } }
+    var values: [T] { lock.withLock { items } }
+}

@@ -1,0 +1,186 @@
+import CFerry
+import FerrySys
+import FerryWire
+import Glibc
+
+/// One migration connection (socket, pipe or file), owning its fd. Reads are buffered and
+/// feed the stream decoder; writes batch small headers and whole pages from guest RAM into
+/// large `writev` calls, so bulk sending does no per-page allocation or copy.
+public final class MigrationChannel: ByteSource, @unchecked Sendable {
+    public let fd: Int32
+    public let description: String
+    public let isSocket: Bool
+    /// A child process behind an exec: channel, reaped on close.
+    var childPID: pid_t = 0
+
+    // read side
+    private let readBuffer: UnsafeMutableRawPointer
+    private let readCapacity = 256 << 10
+    private var readStart = 0
+    private var readEnd = 0
+    public private(set) var bytesRead: UInt64 = 0
+
+    // write side
+    private let staging: UnsafeMutableRawPointer
+    private let stagingCapacity = 64 << 10
+    private var stagingUsed = 0
+    private var iovecs: [iovec]
+    private let maxIovecs = 256
+    public private(set) var bytesWritten: UInt64 = 0
+    private var closed = false
+    private let closeLock = Monitor()
+
+    public init(fd: Int32, description: String) {
+        self.fd = fd
+        self.description = description
+        var st = stat()
+        fstat(fd, &st)
+        isSocket = (st.st_mode & S_IFMT) == S_IFSOCK
+        readBuffer = .allocate(byteCount: readCapacity, alignment: 4096)
+        staging = .allocate(byteCount: stagingCapacity, alignment: 64)
+        iovecs = []
+        iovecs.reserveCapacity(maxIovecs)
+    }
+
+    deinit {
+        close()
+        readBuffer.deallocate()
+        staging.deallocate()
+    }
+
+    /// Closes the fd (once) and reaps an exec child.
+    public func close() {
+        closeLock.withLock {
+            guard !closed else { return }
+            closed = true
+            Sys.close(fd)
+            if childPID > 0 {
+                var status: Int32 = 0
+                waitpid(childPID, &status, 0)
+            }
+        }
+    }
+
+    /// Unblocks any thread reading or writing this channel (cancel, pause, fault injection).
+    public func shutdown() {
+        closeLock.withLock {
+            guard !closed else { return }
+            if isSocket { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    // MARK: reading
+
+    public func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws {
+        var done = 0
+        let want = buffer.count
+        while done < want {
+            if readStart == readEnd {
+                // Large reads go straight to the destination (e.g. a page into guest RAM).
+                if want - done >= readCapacity / 2 {
+                    let n = try rawRead(buffer.baseAddress! + done, want - done)
+                    if n == 0 { throw eof(done, want) }
+                    done += n
+                    continue
+                }
+                let n = try rawRead(readBuffer, readCapacity)
+                if n == 0 { throw eof(done, want) }
+                readStart = 0
+                readEnd = n
+            }
+            let k = min(readEnd - readStart, want - done)
+            (buffer.baseAddress! + done).copyMemory(from: readBuffer + readStart, byteCount: k)
+            readStart += k
+            done += k
+        }
+    }
+
+    /// Bytes already buffered (readable without blocking).
+    public var bufferedCount: Int { readEnd - readStart }
+
+    private func eof(_ done: Int, _ want: Int) -> MigrationError {
+        MigrationError(.closed, done == 0 ? "connection closed by peer (\(description))"
+                                          : "connection closed in the middle of a record (\(done) of \(want) bytes)")
+    }
+
+    private func rawRead(_ p: UnsafeMutableRawPointer, _ n: Int) throws -> Int {
+        while true {
+            let r = Glibc.read(fd, p, n)
+            if r >= 0 { bytesRead += UInt64(r); return r }
+            if errno == EINTR { continue }
+            throw MigrationError(.io, "read from \(description) failed", cause: SysError(errno: errno, call: "read"))
+        }
+    }
+
+    // MARK: writing
+
+    /// Queues bytes (copied into the staging area).
+    public func write(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try write(raw: $0) }
+    }
+
+    public func write(_ buffer: WireBuffer) throws { try write(buffer.bytes) }
+
+    public func write(raw: UnsafeRawBufferPointer) throws {
+        var off = 0
+        while off < raw.count {
+            if stagingUsed == stagingCapacity || iovecs.count >= maxIovecs { try flush() }
+            let k = min(raw.count - off, stagingCapacity - stagingUsed)
+            let dst = staging + stagingUsed
+            dst.copyMemory(from: raw.baseAddress! + off, byteCount: k)
+            if let last = iovecs.last, last.iov_base! + last.iov_len == dst {
+                iovecs[iovecs.count - 1].iov_len += k
+            } else {
+                iovecs.append(iovec(iov_base: dst, iov_len: k))
+            }
+            stagingUsed += k
+            off += k
+        }
+    }
+
+    /// Queues `count` bytes from memory the caller keeps valid until the next flush (a page
+    /// of guest RAM). No copy.
+    public func write(reference p: UnsafeRawPointer, count: Int) throws {
+        if iovecs.count >= maxIovecs { try flush() }
+        iovecs.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: p), iov_len: count))
+    }
+
+    /// Bytes queued but not yet sent.
+    public var pendingBytes: Int { iovecs.reduce(0) { $0 + $1.iov_len } }
+
+    public func flush() throws {
+        var first = 0
+        while first < iovecs.count {
+            let n = iovecs.withUnsafeMutableBufferPointer { v in
+                Glibc.writev(fd, v.baseAddress! + first, Int32(min(v.count - first, 1024)))
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                let e = errno
+                iovecs.removeAll(keepingCapacity: true); stagingUsed = 0
+                throw MigrationError(.io, "write to \(description) failed", cause: SysError(errno: e, call: "writev"))
+            }
+            bytesWritten += UInt64(n)
+            var left = n
+            while left > 0 && first < iovecs.count {
+                if iovecs[first].iov_len <= left {
+                    left -= iovecs[first].iov_len
+                    first += 1
+                } else {
+                    iovecs[first].iov_base! += left
+                    iovecs[first].iov_len -= left
+                    left = 0
+                }
+            }
+        }
+        iovecs.removeAll(keepingCapacity: true)
+        stagingUsed = 0
+    }
+
+    /// Waits up to `timeoutMs` for input; true when readable (or buffered).
+    public func waitReadable(timeoutMs: Int32) -> Bool {
+        if bufferedCount > 0 { return true }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, timeoutMs) > 0
+    }
+}

@@ -1,0 +1,97 @@
+import FerrySys
+
+/// QEMU's `MigrationStatus`, exchanged as strings.
+public enum MigrationStatus: String, Sendable, CaseIterable {
+    case none
+    case setup
+    case cancelling
+    case cancelled
+    case active
+    case device
+    case postcopyDevice = "postcopy-device"
+    case postcopyActive = "postcopy-active"
+    case postcopyPaused = "postcopy-paused"
+    case postcopyRecoverSetup = "postcopy-recover-setup"
+    case postcopyRecover = "postcopy-recover"
+    case completed
+    case failed
+
+    public var isPostcopy: Bool {
+        switch self {
+        case .postcopyDevice, .postcopyActive, .postcopyPaused, .postcopyRecoverSetup, .postcopyRecover: true
+        default: false
+        }
+    }
+
+    public var isFinished: Bool { self == .completed || self == .failed || self == .cancelled }
+    public var isRunning: Bool { !isFinished && self != .none }
+}
+
+/// Events the engine reports; the QMP layer turns them into `MIGRATION`, `MIGRATION_PASS`,
+/// `STOP` and `RESUME`.
+public enum MigrationEvent: Sendable, Equatable {
+    case status(MigrationStatus)
+    case pass(Int)
+    case stop
+    case resume
+}
+
+/// Capabilities as QEMU names them (all default off). Ferry acts on the ones it implements
+/// and accepts the rest so that tools that set them keep working.
+public enum MigrationCapability: String, Sendable, CaseIterable {
+    case xbzrle, rdmaPinAll = "rdma-pin-all", autoConverge = "auto-converge", events,
+         postcopyRAM = "postcopy-ram", xColo = "x-colo", releaseRAM = "release-ram", returnPath = "return-path",
+         pauseBeforeSwitchover = "pause-before-switchover", multifd, dirtyBitmaps = "dirty-bitmaps",
+         postcopyBlocktime = "postcopy-blocktime", lateBlockActivate = "late-block-activate",
+         xIgnoreShared = "x-ignore-shared", validateUUID = "validate-uuid", backgroundSnapshot = "background-snapshot",
+         zeroCopySend = "zero-copy-send", postcopyPreempt = "postcopy-preempt", switchoverAck = "switchover-ack",
+         dirtyLimit = "dirty-limit", mappedRAM = "mapped-ram"
+
+    /// Capabilities whose behaviour Ferry does not have; enabling them is refused.
+    public var isUnsupported: Bool {
+        switch self {
+        case .xbzrle, .rdmaPinAll, .xColo, .multifd, .backgroundSnapshot, .mappedRAM, .xIgnoreShared, .zeroCopySend: true
+        default: false
+        }
+    }
+}
+
+/// Tunables (QEMU's `MigrationParameters`, the subset Ferry acts on), with QEMU's defaults.
+public struct MigrationParameters: Sendable, Equatable {
+    /// Bytes per second outside postcopy. QEMU default 128 MiB/s; 0 = unlimited.
+    public var maxBandwidth: UInt64 = 134_217_728
+    /// Milliseconds the guest may be stopped at switchover.
+    public var downtimeLimit: UInt64 = 300
+    /// Bytes per second for background pages in postcopy; 0 = unlimited.
+    public var maxPostcopyBandwidth: UInt64 = 0
+    public init() {}
+}
+
+/// Counters of one migration (source side), as `query-migrate` reports them.
+public struct MigrationStats: Sendable {
+    public var status: MigrationStatus = .none
+    public var startNanos: UInt64 = 0
+    public var endNanos: UInt64?
+    public var setupTimeMs: UInt64 = 0
+    public var downtimeMs: UInt64?
+    public var expectedDowntimeMs: UInt64?
+    public var transferred: UInt64 = 0
+    public var remaining: UInt64 = 0
+    public var total: UInt64 = 0
+    public var duplicate: UInt64 = 0
+    public var normal: UInt64 = 0
+    public var dirtySyncCount: UInt64 = 0
+    public var mbps: Double = 0
+    public var pagesPerSecond: UInt64 = 0
+    public var dirtyPagesRate: UInt64 = 0
+    public var precopyBytes: UInt64 = 0
+    public var downtimeBytes: UInt64 = 0
+    public var errorDescription: String?
+    public var socketAddress: MigrationURI?
+
+    public var totalTimeMs: UInt64 {
+        guard startNanos > 0 else { return 0 }
+        return ((endNanos ?? Sys.monotonicNanos()) - startNanos) / 1_000_000
+    }
+    public init() {}
+}

@@ -1,0 +1,365 @@
+import CFerry
+import FerryKVM
+import FerryMachine
+import FerryMemory
+import FerrySys
+import FerryWire
+import Glibc
+
+/// The source side of one migration, run on its own thread (`mig/src/main`).
+///
+/// Precopy: setup (header, configuration, RAM block list), then passes over the pages still
+/// to send, re-collecting KVM's dirty log after each pass. When the rest fits the downtime
+/// limit at the measured bandwidth (and another pass would no longer halve it), the guest
+/// stops, the last dirty pages and the vCPU state go over, then EOF. With a socket transport
+/// the destination answers over the return path once its guest runs, which is when the
+/// downtime ends. Any failure or cancel before that leaves the source guest running.
+final class OutgoingMigration: @unchecked Sendable {
+    unowned let host: VMHost
+    let uri: MigrationURI
+    let capabilities: Set<MigrationCapability>
+    let block: RAMBlock
+    let machine: Machine
+
+    private let lock = Monitor()
+    private var _stats = MigrationStats()
+    private var _parameters: MigrationParameters
+    private var cancelRequested = false
+    private var channel: MigrationChannel?
+    private var thread: KernelThread?
+    private var rpThread: KernelThread?
+    private var rpShut: UInt32?
+    private var rpError: String?
+
+    /// Pages still to send in this pass (set = dirty).
+    let toSend: PageBitmap
+    private var cursor = 0
+    private var header = WireBuffer(capacity: 512)
+    static let ramSectionID: UInt32 = 0
+    static let cpuSectionID: UInt32 = 1
+
+    // rate limiting: 100 ms windows, as QEMU
+    private var windowStart: UInt64 = 0
+    private var windowBytes: UInt64 = 0
+
+    init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>) {
+        self.host = host
+        self.uri = uri
+        self._parameters = parameters
+        self.capabilities = capabilities
+        self.machine = host.machine
+        self.block = host.machine.ram
+        self.toSend = PageBitmap(bitCount: host.machine.ram.pageCount)
+    }
+
+    var stats: MigrationStats {
+        lock.withLock {
+            var s = _stats
+            if let ch = channel, s.status.isRunning { s.transferred = ch.bytesWritten }
+            return s
+        }
+    }
+    var status: MigrationStatus { lock.withLock { _stats.status } }
+    var parameters: MigrationParameters { lock.withLock { _parameters } }
+
+    func updateParameters(_ p: MigrationParameters) { lock.withLock { _parameters = p } }
+
+    private func setStatus(_ s: MigrationStatus) {
+        lock.withLock { _stats.status = s }
+        host.emit(.status(s))
+        host.statusChanged()
+    }
+
+    private func updateStats(_ body: (inout MigrationStats) -> Void) { lock.withLock { body(&_stats) } }
+
+    func start() throws {
+        lock.withLock {
+            _stats.startNanos = Sys.monotonicNanos()
+            _stats.total = UInt64(block.length)
+        }
+        setStatus(.setup)
+        thread = try KernelThread(name: "mig/src/main") { [self] in self.run() }
+    }
+
+    func cancel() throws {
+        let ch: MigrationChannel? = try lock.withLock {
+            if _stats.status.isPostcopy {
+                throw MigrationError(.state, "migrate_cancel is not allowed in postcopy (status \(_stats.status.rawValue)): the guest's state is split between both hosts")
+            }
+            guard _stats.status.isRunning, !cancelRequested else { return nil }
+            cancelRequested = true
+            return channel
+        }
+        guard status.isRunning else { return }
+        setStatus(.cancelling)
+        ch?.shutdown()
+    }
+
+    private var isCancelled: Bool { lock.withLock { cancelRequested } }
+
+    private func checkCancel() throws {
+        if isCancelled { throw MigrationError(.cancelled, "migration cancelled") }
+    }
+
+    // MARK: main thread
+
+    private func run() {
+        var guestStopped = false
+        var stopNanos: UInt64 = 0
+        do {
+            let ch = try Transport.connect(uri)
+            let cancelled: Bool = lock.withLock { channel = ch; return cancelRequested }
+            if cancelled { throw MigrationError(.cancelled, "migration cancelled") }
+            let returnPath = uri.isBidirectional
+            try sendSetup(ch, returnPath: returnPath)
+            if returnPath { startReturnPath(ch) }
+            try machine.vm.setDirtyLogging(slot: Machine.ramSlot, true)
+            // The first pass sends everything; the log only matters from here on.
+            let discard = PageBitmap(bitCount: block.pageCount)
+            try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: discard)
+            toSend.setAll()
+            updateStats { $0.setupTimeMs = (Sys.monotonicNanos() - $0.startNanos) / 1_000_000; $0.remaining = UInt64(block.length) }
+            setStatus(.active)
+
+            try iterateUntilConverged(ch)
+
+            // Switchover: stop the guest, send the rest and the vCPU state.
+            host.setRunState(.finishMigrate)
+            machine.pause()
+            guestStopped = true
+            stopNanos = Sys.monotonicNanos()
+            host.emit(.stop)
+            setStatus(.device)
+            let before = ch.bytesWritten
+            try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+            header.removeAll()
+            header.sectionShort(.end, id: Self.ramSectionID)
+            try ch.write(header)
+            cursor = 0
+            _ = try sendPages(ch, limited: false)
+            header.removeAll()
+            header.ramEOS()
+            header.footer(id: Self.ramSectionID)
+            let cpu = try machine.vcpu.saveState().encoded()
+            header.sectionHeader(.full, id: Self.cpuSectionID, name: Wire.cpuSectionName, version: Wire.cpuSectionVersion)
+            header.be32(UInt32(cpu.count))
+            header.append(cpu)
+            header.footer(id: Self.cpuSectionID)
+            header.eof()
+            try ch.write(header)
+            try ch.flush()
+            updateStats { $0.downtimeBytes = ch.bytesWritten - before; $0.remaining = 0 }
+            if returnPath {
+                let shut = try waitForShut(seconds: 60)
+                guard shut == 0 else { throw MigrationError(.protocolError, "the destination failed to load the migration (SHUT \(shut))") }
+            } else if case .exec = uri {
+                Glibc.shutdown(ch.fd, Int32(SHUT_WR))
+            }
+            let end = Sys.monotonicNanos()
+            try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
+            updateStats {
+                $0.downtimeMs = (end - stopNanos) / 1_000_000
+                $0.endNanos = end
+                $0.transferred = ch.bytesWritten
+                $0.expectedDowntimeMs = nil
+            }
+            host.setRunState(.postmigrate)
+            setStatus(.completed)
+            ch.close()
+        } catch {
+            let cancelled = isCancelled
+            try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
+            lock.withLock { channel }?.shutdown()
+            lock.withLock { channel }?.close()
+            if guestStopped {
+                machine.resume()
+                host.setRunState(.running)
+                host.emit(.resume)
+            }
+            updateStats {
+                $0.endNanos = Sys.monotonicNanos()
+                if !cancelled { $0.errorDescription = "\(error)" }
+            }
+            setStatus(cancelled ? .cancelled : .failed)
+        }
+        rpThread?.join()
+    }
+
+    private func sendSetup(_ ch: MigrationChannel, returnPath: Bool) throws {
+        header.removeAll()
+        header.fileHeader()
+        header.configuration()
+        if returnPath {
+            header.command(.openReturnPath)
+            header.ping(1)
+        }
+        header.sectionHeader(.start, id: Self.ramSectionID, name: Wire.ramSectionName, version: Wire.ramSectionVersion)
+        header.ramMemSize(blocks: [(block.name, UInt64(block.length))])
+        header.ramEOS()
+        header.footer(id: Self.ramSectionID)
+        try ch.write(header)
+        try ch.flush()
+    }
+
+    /// Precopy passes until the rest fits the downtime limit.
+    private func iterateUntilConverged(_ ch: MigrationChannel) throws {
+        var lastSync = Sys.monotonicNanos()
+        var bytesAtSync = ch.bytesWritten
+        var bandwidth: Double = 0 // bytes per second
+        var previousRemaining = UInt64.max
+        var extraPasses = 0
+        windowStart = lastSync
+        windowBytes = 0
+        while true {
+            try checkCancel()
+            header.removeAll()
+            header.sectionShort(.part, id: Self.ramSectionID)
+            try ch.write(header)
+            let passDone = try sendPages(ch, limited: true)
+            header.removeAll()
+            header.ramEOS()
+            header.footer(id: Self.ramSectionID)
+            try ch.write(header)
+            try ch.flush()
+            updateStats { $0.remaining = UInt64(toSend.popcount()) * UInt64(Wire.pageSize) }
+            guard passDone else { continue }
+
+            // End of a pass: collect what the guest dirtied meanwhile.
+            let now = Sys.monotonicNanos()
+            try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+            let dirtyPages = UInt64(toSend.popcount())
+            let elapsed = Double(now - lastSync) / 1e9
+            let sent = ch.bytesWritten - bytesAtSync
+            if sent >= 256 << 10 && elapsed > 0 { bandwidth = Double(sent) / elapsed }
+            let limit = parameters.maxBandwidth
+            if limit > 0 { bandwidth = bandwidth > 0 ? min(bandwidth, Double(limit)) : Double(limit) }
+            let remaining = dirtyPages * UInt64(Wire.pageSize)
+            let expectedMs = bandwidth > 0 ? UInt64(Double(remaining) / bandwidth * 1000) : UInt64.max
+            let syncCount: UInt64 = lock.withLock {
+                _stats.dirtySyncCount += 1
+                _stats.remaining = remaining
+                _stats.expectedDowntimeMs = expectedMs == .max ? nil : expectedMs
+                _stats.dirtyPagesRate = elapsed > 0 ? UInt64(Double(dirtyPages) / elapsed) : 0
+                _stats.mbps = elapsed > 0 ? Double(sent) * 8 / elapsed / 1e6 : 0
+                _stats.pagesPerSecond = elapsed > 0 ? UInt64(Double(sent) / Double(Wire.pageSize) / elapsed) : 0
+                _stats.precopyBytes = ch.bytesWritten
+                return _stats.dirtySyncCount
+            }
+            host.emit(.pass(Int(syncCount)))
+            lastSync = now
+            bytesAtSync = ch.bytesWritten
+
+            // Converged when the rest fits the limit; while each pass still halves the rest
+            // (and the rest is not already tiny), one more pass buys a shorter downtime.
+            let limitMs = parameters.downtimeLimit
+            if expectedMs <= limitMs {
+                let stillHalving = remaining < previousRemaining / 2
+                if !stillHalving || expectedMs <= max(1, limitMs / 16) || extraPasses >= 8 { return }
+                extraPasses += 1
+            }
+            previousRemaining = remaining
+        }
+    }
+
+    /// Sends pages still to send, from the cursor on. With `limited`, stops at the rate
+    /// limit or after 50 ms (QEMU's MAX_WAIT) so the caller can check for cancel.
+    /// Returns true when no page is left in this pass.
+    private func sendPages(_ ch: MigrationChannel, limited: Bool) throws -> Bool {
+        let started = Sys.monotonicNanos()
+        var first = true
+        var batch = 0
+        var normal: UInt64 = 0, duplicate: UInt64 = 0
+        defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
+        while let i = toSend.nextSet(from: cursor) {
+            guard toSend.testAndClear(i) else { cursor = i + 1; continue }
+            let page = block.page(i)
+            let offset = UInt64(i) << UInt64(targetPageShift)
+            header.removeAll()
+            if ferry_page_is_zero(page) != 0 {
+                header.ramRecord(offset: offset, flags: .zero, block: first ? block.name : nil)
+                try ch.write(header)
+                duplicate += 1
+            } else {
+                header.ramRecord(offset: offset, flags: .page, block: first ? block.name : nil)
+                try ch.write(header)
+                try ch.write(reference: page, count: Wire.pageSize)
+                normal += 1
+            }
+            first = false
+            cursor = i + 1
+            batch += 1
+            if batch & 63 == 0 {
+                if limited {
+                    if try rateLimit(ch) { return false }
+                    if Sys.monotonicNanos() - started > 50_000_000 { return false }
+                } else {
+                    try ch.flush()
+                }
+            }
+        }
+        cursor = 0
+        return true
+    }
+
+    /// Sleeps out the current 100 ms window once its byte budget is spent. Returns true when
+    /// the caller should end the section (it waited).
+    private func rateLimit(_ ch: MigrationChannel) throws -> Bool {
+        let limit = parameters.maxBandwidth
+        guard limit > 0 else { return false }
+        let now = Sys.monotonicNanos()
+        if now - windowStart >= 100_000_000 {
+            windowStart = now
+            windowBytes = ch.bytesWritten + UInt64(ch.pendingBytes)
+            return false
+        }
+        let budget = limit / 10
+        let used = ch.bytesWritten + UInt64(ch.pendingBytes) - windowBytes
+        guard used >= budget else { return false }
+        try ch.flush()
+        let wake = windowStart + 100_000_000
+        while Sys.monotonicNanos() < wake {
+            try checkCancel()
+            let left = wake - Sys.monotonicNanos()
+            usleep(UInt32(min(left / 1000, 10_000)))
+        }
+        windowStart = Sys.monotonicNanos()
+        windowBytes = ch.bytesWritten
+        return true
+    }
+
+    // MARK: return path
+
+    private func startReturnPath(_ ch: MigrationChannel) {
+        rpThread = try? KernelThread(name: "mig/src/return") { [self] in
+            do {
+                while true {
+                    let msg = try ReturnPathDecoder.next(ch)
+                    switch msg {
+                    case .shut(let v):
+                        lock.withLock { rpShut = v; lock.broadcast() }
+                        return
+                    case .pong, .switchoverAck:
+                        continue
+                    default:
+                        throw MigrationError(.protocolError, "unexpected return-path message \(msg) in precopy")
+                    }
+                }
+            } catch {
+                lock.withLock { rpError = "\(error)"; lock.broadcast() }
+            }
+        }
+    }
+
+    private func waitForShut(seconds: Double) throws -> UInt32 {
+        let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
+        return try lock.withLock {
+            while true {
+                if let s = rpShut { return s }
+                if let e = rpError { throw MigrationError(.io, "return path failed before the destination confirmed: \(e)") }
+                if cancelRequested { throw MigrationError(.cancelled, "migration cancelled") }
+                if Sys.monotonicNanos() > deadline { throw MigrationError(.timeout, "the destination did not confirm within \(Int(seconds)) s") }
+                lock.wait(timeoutNanos: 10_000_000)
+            }
+        }
+    }
+}

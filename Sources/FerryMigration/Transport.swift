@@ -1,0 +1,226 @@
+import FerrySys
+import Glibc
+
+/// A migration address as QEMU spells it: `tcp:HOST:PORT`, `unix:PATH`, `exec:COMMAND`,
+/// `file:PATH`.
+public enum MigrationURI: Sendable, Equatable, CustomStringConvertible {
+    case tcp(host: String, port: UInt16)
+    case unix(path: String)
+    case exec(command: String)
+    case file(path: String)
+
+    public init(_ text: String) throws {
+        func bad(_ why: String) -> MigrationError {
+            MigrationError(.badURI, "invalid migration URI '\(text)': \(why) (expected tcp:HOST:PORT, unix:PATH, exec:COMMAND or file:PATH)")
+        }
+        guard let colon = text.firstIndex(of: ":") else { throw bad("no transport") }
+        let scheme = String(text[..<colon]), rest = String(text[text.index(after: colon)...])
+        switch scheme {
+        case "tcp":
+            guard let c = rest.lastIndex(of: ":") else { throw bad("no port") }
+            var host = String(rest[..<c])
+            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            guard let port = UInt16(rest[rest.index(after: c)...]) else { throw bad("bad port") }
+            self = .tcp(host: host.isEmpty ? "0.0.0.0" : host, port: port)
+        case "unix":
+            guard !rest.isEmpty, rest.utf8.count < 108 else { throw bad("bad socket path") }
+            self = .unix(path: rest)
+        case "exec":
+            guard !rest.isEmpty else { throw bad("empty command") }
+            self = .exec(command: rest)
+        case "file":
+            guard !rest.isEmpty else { throw bad("empty path") }
+            // QEMU allows ",offset=N"; Ferry supports offset 0 only.
+            if rest.contains(",offset=") { throw bad("file offsets are not supported") }
+            self = .file(path: rest)
+        default:
+            throw bad("unknown transport '\(scheme)'")
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case let .tcp(h, p): h.contains(":") ? "tcp:[\(h)]:\(p)" : "tcp:\(h):\(p)"
+        case let .unix(p): "unix:\(p)"
+        case let .exec(c): "exec:\(c)"
+        case let .file(p): "file:\(p)"
+        }
+    }
+
+    /// Socket transports can carry a return path; exec and file are one-way.
+    public var isBidirectional: Bool {
+        switch self { case .tcp, .unix: true; case .exec, .file: false }
+    }
+}
+
+enum Socket {
+    static func setCommonOptions(_ fd: Int32, tcp: Bool) {
+        var one: Int32 = 1
+        if tcp { setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(4)) }
+        var buf: Int32 = 4 << 20
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, socklen_t(4))
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, socklen_t(4))
+    }
+
+    static func withAddress<T>(_ uri: MigrationURI, _ body: (UnsafePointer<sockaddr>, socklen_t, Int32) throws -> T) throws -> T {
+        switch uri {
+        case let .tcp(host, port):
+            var hints = addrinfo()
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            hints.ai_flags = AI_NUMERICSERV
+            var res: UnsafeMutablePointer<addrinfo>?
+            let r = getaddrinfo(host == "localhost" ? "127.0.0.1" : host, String(port), &hints, &res)
+            guard r == 0, let ai = res else {
+                throw MigrationError(.badURI, "cannot resolve \(host): \(String(cString: gai_strerror(r)))")
+            }
+            defer { freeaddrinfo(res) }
+            return try body(ai.pointee.ai_addr, ai.pointee.ai_addrlen, ai.pointee.ai_family)
+        case let .unix(path):
+            var sa = sockaddr_un()
+            sa.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &sa.sun_path) { dst in
+                let u = Array(path.utf8)
+                for i in 0..<min(u.count, dst.count - 1) { dst[i] = u[i] }
+            }
+            return try withUnsafePointer(to: &sa) {
+                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    try body($0, socklen_t(MemoryLayout<sockaddr_un>.size), AF_UNIX)
+                }
+            }
+        default:
+            throw MigrationError(.badURI, "\(uri) is not a socket address")
+        }
+    }
+}
+
+public enum Transport {
+    /// Opens the outgoing channel for `uri`.
+    public static func connect(_ uri: MigrationURI) throws -> MigrationChannel {
+        switch uri {
+        case .tcp, .unix:
+            return try Socket.withAddress(uri) { addr, len, family in
+                let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                guard fd >= 0 else { throw MigrationError(.connect, "socket() failed", cause: SysError(errno: errno, call: "socket")) }
+                Socket.setCommonOptions(fd, tcp: family != AF_UNIX)
+                while Glibc.connect(fd, addr, len) != 0 {
+                    if errno == EINTR { continue }
+                    let e = errno
+                    Sys.close(fd)
+                    throw MigrationError(.connect, "cannot connect to \(uri)", cause: SysError(errno: e, call: "connect"))
+                }
+                return MigrationChannel(fd: fd, description: uri.description)
+            }
+        case let .exec(command):
+            return try spawn(command, childFd: 0, uri: uri)
+        case let .file(path):
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw MigrationError(.connect, "cannot create \(path)", cause: SysError(errno: errno, call: "open")) }
+            return MigrationChannel(fd: fd, description: uri.description)
+        }
+    }
+
+    /// Runs `sh -c command` with one end of a socketpair as its stdin (`childFd` 0, outgoing)
+    /// or stdout (`childFd` 1, incoming).
+    static func spawn(_ command: String, childFd: Int32, uri: MigrationURI) throws -> MigrationChannel {
+        var sv: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
+            throw MigrationError(.connect, "socketpair failed", cause: SysError(errno: errno, call: "socketpair"))
+        }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, sv[1], childFd)
+        var pid: pid_t = 0
+        let args = ["/bin/sh", "-c", command]
+        var cargs = args.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        let r = posix_spawn(&pid, "/bin/sh", &actions, nil, &cargs, environ)
+        Sys.close(sv[1])
+        guard r == 0 else {
+            Sys.close(sv[0])
+            throw MigrationError(.connect, "cannot run \(command)", cause: SysError(errno: r, call: "posix_spawn"))
+        }
+        let ch = MigrationChannel(fd: sv[0], description: uri.description)
+        ch.childPID = pid
+        return ch
+    }
+}
+
+/// The destination's side of an address: accepts the incoming channel(s).
+public final class MigrationListener: @unchecked Sendable {
+    public let uri: MigrationURI
+    private let fd: Int32
+    private var closed = false
+    private let lock = Monitor()
+    /// The bound address (with the real port when the URI asked for port 0).
+    public private(set) var boundURI: MigrationURI
+
+    public init(_ uri: MigrationURI) throws {
+        self.uri = uri
+        self.boundURI = uri
+        switch uri {
+        case .tcp, .unix:
+            if case let .unix(path) = uri { unlink(path) }
+            fd = try Socket.withAddress(uri) { addr, len, family in
+                let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                guard fd >= 0 else { throw MigrationError(.connect, "socket() failed", cause: SysError(errno: errno, call: "socket")) }
+                var one: Int32 = 1
+                setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(4))
+                guard bind(fd, addr, len) == 0, listen(fd, 4) == 0 else {
+                    let e = errno
+                    Sys.close(fd)
+                    throw MigrationError(.connect, "cannot listen on \(uri)", cause: SysError(errno: e, call: "bind/listen"))
+                }
+                return fd
+            }
+            if case let .tcp(host, 0) = uri {
+                var ss = sockaddr_in()
+                var l = socklen_t(MemoryLayout<sockaddr_in>.size)
+                withUnsafeMutablePointer(to: &ss) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(fd, $0, &l) } }
+                boundURI = .tcp(host: host, port: UInt16(bigEndian: ss.sin_port))
+            }
+        case .exec, .file:
+            fd = -1
+        }
+    }
+
+    deinit { close() }
+
+    /// Blocks until a peer connects (or, for exec/file, opens the source of the stream).
+    public func accept() throws -> MigrationChannel {
+        switch uri {
+        case .tcp, .unix:
+            while true {
+                let c = Glibc.accept(fd, nil, nil)
+                if c >= 0 {
+                    _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                    Socket.setCommonOptions(c, tcp: { if case .tcp = uri { return true }; return false }())
+                    return MigrationChannel(fd: c, description: uri.description)
+                }
+                if errno == EINTR { continue }
+                let closedNow = lock.withLock { closed }
+                throw MigrationError(closedNow ? .cancelled : .io, closedNow ? "listening on \(uri) was cancelled" : "accept on \(uri) failed",
+                                     cause: SysError(errno: errno, call: "accept"))
+            }
+        case let .exec(command):
+            return try Transport.spawn(command, childFd: 1, uri: uri)
+        case let .file(path):
+            let f = open(path, O_RDONLY | O_CLOEXEC)
+            guard f >= 0 else { throw MigrationError(.connect, "cannot open \(path)", cause: SysError(errno: errno, call: "open")) }
+            return MigrationChannel(fd: f, description: uri.description)
+        }
+    }
+
+    /// Stops listening; a blocked `accept` returns with an error.
+    public func close() {
+        lock.withLock {
+            guard !closed else { return }
+            closed = true
+            if fd >= 0 {
+                _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+                Sys.close(fd)
+            }
+            if case let .unix(path) = uri { unlink(path) }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+import FerryKVM
+import FerryMachine
+import FerryMemory
+import FerrySys
+import FerryWire
+
+/// QEMU's run states as `query-status` reports them.
+public enum RunState: String, Sendable {
+    case running, paused, inmigrate, postmigrate, finishMigrate = "finish-migrate", shutdown,
+         internalError = "internal-error", prelaunch
+}
+
+/// One VM process's control centre: the machine, its run state, migration capabilities and
+/// parameters, and the current outgoing or incoming migration. QMP drives it; the engines
+/// report through it. Takes exclusive charge of the machine while a migration runs.
+public final class VMHost: @unchecked Sendable {
+    public let machine: Machine
+    let lock = Monitor()
+    private var _runState: RunState
+    private var _capabilities: Set<MigrationCapability> = []
+    private var _parameters = MigrationParameters()
+    private var outgoing: OutgoingMigration?
+    private var incoming: IncomingMigration?
+    private var subscribers: [@Sendable (MigrationEvent) -> Void] = []
+
+    /// `incoming`: the VM waits for a migration stream instead of booting a guest.
+    public init(machine: Machine, incoming: Bool) {
+        self.machine = machine
+        _runState = incoming ? .inmigrate : .prelaunch
+        machine.onGuestStop = { [weak self] state, _ in
+            self?.setRunState(state == .shutdown ? .shutdown : .internalError)
+        }
+    }
+
+    public func subscribe(_ body: @escaping @Sendable (MigrationEvent) -> Void) {
+        lock.withLock { subscribers.append(body) }
+    }
+
+    func emit(_ e: MigrationEvent) {
+        let subs = lock.withLock { subscribers }
+        for s in subs { s(e) }
+    }
+
+    public var runState: RunState { lock.withLock { _runState } }
+    func setRunState(_ s: RunState) { lock.withLock { _runState = s } }
+
+    public var capabilities: Set<MigrationCapability> { lock.withLock { _capabilities } }
+    public var parameters: MigrationParameters { lock.withLock { _parameters } }
+
+    public var migrationRunning: Bool {
+        lock.withLock { (outgoing?.status.isRunning ?? false) || (incoming?.status.isRunning ?? false) }
+    }
+
+    public func setCapabilities(_ caps: [(MigrationCapability, Bool)]) throws {
+        guard !migrationRunning else { throw MigrationError(.state, "There's a migration process in progress") }
+        for (c, on) in caps where on && c.isUnsupported {
+            throw MigrationError(.unsupported, "capability '\(c.rawValue)' is not supported by Ferry")
+        }
+        var next = capabilities
+        for (c, on) in caps { if on { next.insert(c) } else { next.remove(c) } }
+        if next.contains(.postcopyPreempt) && !next.contains(.postcopyRAM) {
+            throw MigrationError(.config, "Postcopy preempt requires postcopy-ram")
+        }
+        lock.withLock { _capabilities = next }
+    }
+
+    /// Applies new parameters; bandwidth changes take effect immediately in a running migration.
+    public func setParameters(_ update: (inout MigrationParameters) throws -> Void) rethrows {
+        let p: MigrationParameters = try lock.withLock {
+            var p = _parameters
+            try update(&p)
+            _parameters = p
+            return p
+        }
+        lock.withLock { outgoing }?.updateParameters(p)
+    }
+
+    // MARK: run control
+
+    /// Starts the guest the first time (prelaunch) or resumes it after `stop`.
+    public func cont() throws {
+        switch runState {
+        case .inmigrate: throw MigrationError(.state, "the guest is waiting for an incoming migration")
+        case .shutdown, .internalError: throw MigrationError(.state, "the guest cannot run: \(runState.rawValue) (\(machine.lastError ?? ""))")
+        case .finishMigrate: throw MigrationError(.state, "a migration is switching over")
+        case .running: return
+        case .prelaunch:
+            try machine.start()
+        case .paused, .postmigrate:
+            machine.resume()
+        }
+        setRunState(.running)
+        emit(.resume)
+    }
+
+    public func stop() {
+        guard runState == .running else { return }
+        machine.pause()
+        setRunState(.paused)
+        emit(.stop)
+    }
+
+    /// Boots the built-in test guest or a boot sector and runs it.
+    public func boot(image: [UInt8]?) throws {
+        if let image { try machine.loadBootSector(image) } else { try machine.loadTestGuest() }
+        try cont()
+    }
+
+    // MARK: migration
+
+    public func migrate(uri text: String, resume: Bool = false) throws {
+        let uri = try MigrationURI(text)
+        if resume { throw MigrationError(.state, "migrate with resume requires a paused postcopy migration") }
+        let m: OutgoingMigration = try lock.withLock {
+            if incoming != nil { throw MigrationError(.state, "this VM is a migration destination") }
+            if let o = outgoing, o.status.isRunning { throw MigrationError(.state, "There's a migration process in progress") }
+            guard _runState == .running || _runState == .paused else {
+                throw MigrationError(.state, "cannot migrate a VM in state \(_runState.rawValue)")
+            }
+            let m = OutgoingMigration(host: self, uri: uri, parameters: _parameters, capabilities: _capabilities)
+            outgoing = m
+            return m
+        }
+        // Outside the lock: starting emits events, whose subscribers take it.
+        try m.start()
+    }
+
+    public func migrateIncoming(uri text: String) throws {
+        let uri = try MigrationURI(text)
+        let m: IncomingMigration = try lock.withLock {
+            guard _runState == .inmigrate else { throw MigrationError(.state, "'-incoming' was not specified on the command line") }
+            if incoming != nil { throw MigrationError(.state, "The incoming migration has already been started") }
+            let m = try IncomingMigration(host: self, uri: uri, capabilities: _capabilities)
+            incoming = m
+            return m
+        }
+        m.start()
+    }
+
+    public func cancel() throws {
+        let o = lock.withLock { outgoing }
+        if let o { try o.cancel() }
+    }
+
+    /// The current (or last) migration's numbers; status `none` if there was none.
+    public func queryMigrate() -> MigrationStats {
+        let (o, i) = lock.withLock { (outgoing, incoming) }
+        if let o { return o.stats }
+        if let i { return i.stats }
+        return MigrationStats()
+    }
+
+    /// Blocks until the current migration reaches a finished state or `seconds` pass.
+    public func waitForMigration(seconds: Double) -> MigrationStatus {
+        let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
+        while Sys.monotonicNanos() < deadline {
+            let s = queryMigrate().status
+            if s.isFinished { return s }
+            lock.withLock { _ = lock.wait(timeoutNanos: 20_000_000) }
+        }
+        return queryMigrate().status
+    }
+
+    func statusChanged() { lock.withLock { lock.broadcast() } }
+}

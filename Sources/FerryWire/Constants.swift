@@ -1,0 +1,87 @@
+/// QEMU's migration stream constants (wire ABI; never renumber).
+public enum Wire {
+    public static let fileMagic: UInt32 = 0x5145_564d // "QEVM"
+    public static let fileVersion: UInt32 = 3
+    public static let fileVersionCompat: UInt32 = 2
+    /// Ferry's machine type, sent in the configuration section and checked by the destination.
+    public static let machineType = "ferry-pc"
+    /// RAM section: idstr "ram", instance 0, version 4 (as QEMU).
+    public static let ramSectionName = "ram"
+    public static let ramSectionVersion: UInt32 = 4
+    /// Ferry's vCPU state device section.
+    public static let cpuSectionName = "ferry-cpu"
+    public static let cpuSectionVersion: UInt32 = 1
+    public static let pageSize = 4096
+    public static let pageMask: UInt64 = ~UInt64(4095)
+    /// Largest payload of one command (be16 length).
+    public static let maxCommandLength = 65535
+    /// Largest return-path message Ferry accepts (QEMU: 512).
+    public static let maxReturnPathLength = 512
+    /// End marker of a received bitmap.
+    public static let recvBitmapEnding: UInt64 = 0x0123_4567_89ab_cdef
+    public static let resumeAckValue: UInt32 = 1
+    public static let pingPackagedLoaded: UInt32 = 0x42
+}
+
+public enum SectionType: UInt8, Sendable {
+    case eof = 0x00
+    case start = 0x01
+    case part = 0x02
+    case end = 0x03
+    case full = 0x04
+    case subsection = 0x05
+    case vmDescription = 0x06
+    case configuration = 0x07
+    case command = 0x08
+    case footer = 0x7e
+}
+
+/// Flags in the low bits of a RAM record's be64 (offset | flags) word.
+public struct RAMFlags: OptionSet, Sendable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public static let zero = RAMFlags(rawValue: 0x02)
+    public static let memSize = RAMFlags(rawValue: 0x04)
+    public static let page = RAMFlags(rawValue: 0x08)
+    public static let eos = RAMFlags(rawValue: 0x10)
+    public static let `continue` = RAMFlags(rawValue: 0x20)
+    public static let xbzrle = RAMFlags(rawValue: 0x40)
+    public static let hook = RAMFlags(rawValue: 0x80)
+    public static let multifdFlush = RAMFlags(rawValue: 0x200)
+    public static let known: RAMFlags = [.zero, .memSize, .page, .eos, .continue]
+}
+
+/// `QEMU_VM_COMMAND` numbers.
+public enum CommandType: UInt16, Sendable {
+    case openReturnPath = 1
+    case ping = 2
+    case postcopyAdvise = 3
+    case postcopyListen = 4
+    case postcopyRun = 5
+    case postcopyRAMDiscard = 6
+    case packaged = 7
+    case enableCOLO = 8
+    case postcopyResume = 9
+    case recvBitmap = 10
+    case switchoverStart = 11
+
+    /// Fixed payload lengths (nil = variable), as QEMU's table.
+    public var fixedLength: Int? {
+        switch self {
+        case .openReturnPath, .postcopyListen, .postcopyRun, .enableCOLO, .postcopyResume, .switchoverStart: 0
+        case .ping, .packaged: 4
+        case .postcopyAdvise, .postcopyRAMDiscard, .recvBitmap: nil
+        }
+    }
+}
+
+/// Return-path message types (destination -> source).
+public enum ReturnPathType: UInt16, Sendable {
+    case shut = 1
+    case pong = 2
+    case reqPagesID = 3
+    case reqPages = 4
+    case recvBitmap = 5
+    case resumeAck = 6
+    case switchoverAck = 7
+}
