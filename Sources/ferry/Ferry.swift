@@ -1,5 +1,7 @@
 import ArgumentParser
 import FerryMachine
+import FerryMigration
+import FerryQMP
 import FerryMemory
 import FerrySys
 import Glibc
@@ -9,7 +11,7 @@ struct Ferry: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ferry",
         abstract: "Live migration of KVM virtual machines.",
-        subcommands: [Run.self, GuestImage.self, CheckMemory.self])
+        subcommands: [Run.self, Migrate.self, Demo.self, GuestImage.self, CheckMemory.self])
 }
 
 /// Parses sizes as QEMU does: plain bytes or a K/M/G/T suffix (powers of 1024).
@@ -69,7 +71,7 @@ enum FileHandleStderr {
 }
 
 struct Run: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Run a VM until interrupted.")
+    static let configuration = CommandConfiguration(abstract: "Run a VM until interrupted (or until QMP 'quit').")
 
     @Option(help: "Guest RAM size (e.g. 256M, 1G).")
     var memory: ByteSize = ByteSize(argument: "256M")!
@@ -80,27 +82,44 @@ struct Run: ParsableCommand {
     @Option(help: "Where guest serial (COM1) output goes: stdio, none, or a file path.")
     var serial: SerialSink = .stdout
 
+    @Option(help: "QMP control socket path (created with mode 0600).")
+    var qmp: String?
+
+    @Option(help: "Wait for an incoming migration on URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH), or 'defer' for QMP migrate-incoming.")
+    var incoming: String?
+
+    @Flag(name: [.customShort("S"), .long], help: "Do not start the guest until QMP 'cont'.")
+    var paused = false
+
     func run() throws {
         let waitForSignal = blockTerminationSignals()
-        let machine: Machine
+        let host: VMHost
+        var server: QMPServer?
         do {
-            machine = try Machine(memorySize: memory.bytes, serial: serial)
-            if let guest {
-                try machine.loadBootSector(try readFile(guest))
+            let machine = try Machine(memorySize: memory.bytes, serial: serial)
+            host = VMHost(machine: machine, incoming: incoming != nil)
+            if let qmp {
+                server = try QMPServer(path: qmp, host: host)
+                server?.onQuit = { kill(getpid(), SIGTERM) }
+                try server?.start()
+            }
+            if let incoming {
+                if incoming != "defer" { try host.migrateIncoming(uri: incoming) }
             } else {
-                try machine.loadTestGuest()
+                if let guest { try machine.loadBootSector(try readFile(guest)) } else { try machine.loadTestGuest() }
+                if !paused { try host.cont() }
             }
             machine.onGuestStop = { state, message in
                 FileHandleStderr.write("ferry: guest stopped (\(state.rawValue)): \(message ?? "")\n")
             }
-            try machine.start()
         } catch {
             fail("\(error)")
         }
         _ = waitForSignal()
-        machine.stop()
-        if machine.unhandledIOCount > 0 {
-            FileHandleStderr.write("ferry: \(machine.unhandledIOCount) accesses to unmodelled I/O ports were ignored\n")
+        server?.close()
+        host.machine.stop()
+        if host.machine.unhandledIOCount > 0 {
+            FileHandleStderr.write("ferry: \(host.machine.unhandledIOCount) accesses to unmodelled I/O ports were ignored\n")
         }
     }
 }

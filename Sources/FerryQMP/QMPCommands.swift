@@ -1,0 +1,151 @@
+import Foundation
+import FerryMachine
+import FerryMemory
+import FerryMigration
+import FerrySys
+import Glibc
+
+/// The QMP commands Ferry implements, with QEMU's names, arguments and result shapes.
+enum QMPCommands {
+    static let names = [
+        "qmp_capabilities", "query-version", "query-commands", "query-status", "stop", "cont", "quit", "pmemsave",
+        "migrate", "migrate-incoming", "migrate_cancel", "query-migrate",
+        "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters", "query-migrate-parameters",
+    ]
+
+    static func run(_ name: String, _ args: [String: Any], host: VMHost) throws -> Any {
+        switch name {
+        case "query-version":
+            return ["qemu": ["major": 7, "minor": 2, "micro": 0], "package": "ferry"]
+        case "query-commands":
+            return names.map { ["name": $0] }
+        case "query-status":
+            let s = host.runState
+            return ["running": s == .running, "singlestep": false, "status": s.rawValue]
+        case "stop":
+            host.stop()
+            return [String: Any]()
+        case "cont":
+            try host.cont()
+            return [String: Any]()
+        case "quit":
+            return [String: Any]()
+        case "pmemsave":
+            try pmemsave(args, host.machine.memory)
+            return [String: Any]()
+        case "migrate":
+            let resume = try optionalBool(args, "resume") ?? false
+            try host.migrate(uri: try string(args, "uri"), resume: resume)
+            return [String: Any]()
+        case "migrate-incoming":
+            try host.migrateIncoming(uri: try string(args, "uri"))
+            return [String: Any]()
+        case "migrate_cancel":
+            try host.cancel()
+            return [String: Any]()
+        case "query-migrate":
+            return queryMigrate(host)
+        case "migrate-set-capabilities":
+            guard let list = args["capabilities"] as? [[String: Any]] else {
+                throw QMPError("Parameter 'capabilities' is missing or not a list")
+            }
+            var caps: [(MigrationCapability, Bool)] = []
+            for item in list {
+                guard let n = item["capability"] as? String, let c = MigrationCapability(rawValue: n) else {
+                    throw QMPError("Invalid parameter '\(item["capability"] ?? "")'")
+                }
+                guard let state = item["state"] as? Bool else { throw QMPError("Parameter 'state' is missing or not a bool") }
+                caps.append((c, state))
+            }
+            try host.setCapabilities(caps)
+            return [String: Any]()
+        case "query-migrate-capabilities":
+            let on = host.capabilities
+            return MigrationCapability.allCases.map { ["capability": $0.rawValue, "state": on.contains($0)] }
+        case "migrate-set-parameters":
+            try host.setParameters { p in
+                for (k, v) in args {
+                    switch k {
+                    case "max-bandwidth": p.maxBandwidth = try uint(v, k)
+                    case "downtime-limit":
+                        let d = try uint(v, k)
+                        guard d <= 2_000_000 else { throw QMPError("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds") }
+                        p.downtimeLimit = d
+                    case "max-postcopy-bandwidth": p.maxPostcopyBandwidth = try uint(v, k)
+                    default: throw QMPError("Parameter '\(k)' is unexpected")
+                    }
+                }
+            }
+            return [String: Any]()
+        case "query-migrate-parameters":
+            let p = host.parameters
+            return ["max-bandwidth": p.maxBandwidth, "downtime-limit": p.downtimeLimit, "max-postcopy-bandwidth": p.maxPostcopyBandwidth]
+        default:
+            throw QMPError("The command \(name) has not been found", class: "CommandNotFound")
+        }
+    }
+
+    static func queryMigrate(_ host: VMHost) -> [String: Any] {
+        let s = host.queryMigrate()
+        guard s.status != .none else { return [:] }
+        var r: [String: Any] = ["status": s.status.rawValue]
+        if let e = s.errorDescription, s.status == .failed { r["error-desc"] = e }
+        if let a = s.socketAddress {
+            switch a {
+            case let .tcp(h, p): r["socket-address"] = [["type": "inet", "host": h, "port": String(p)]]
+            case let .unix(path): r["socket-address"] = [["type": "unix", "path": path]]
+            default: break
+            }
+        }
+        guard s.total > 0 else { return r } // destination: status only, as QEMU
+        if s.status != .setup {
+            r["total-time"] = s.totalTimeMs
+            r["setup-time"] = s.setupTimeMs
+            if let d = s.downtimeMs { r["downtime"] = d }
+            if let e = s.expectedDowntimeMs, s.status == .active { r["expected-downtime"] = e }
+            r["ram"] = [
+                "transferred": s.transferred, "remaining": s.remaining, "total": s.total,
+                "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * 4096,
+                "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
+                "dirty-pages-rate": s.dirtyPagesRate, "page-size": 4096, "precopy-bytes": s.precopyBytes,
+                "downtime-bytes": s.downtimeBytes, "postcopy-bytes": 0, "postcopy-requests": 0, "multifd-bytes": 0,
+            ] as [String: Any]
+        }
+        return r
+    }
+
+    static func pmemsave(_ args: [String: Any], _ memory: GuestMemory) throws {
+        let val = try uint(args["val"] as Any, "val"), size = try uint(args["size"] as Any, "size")
+        let file = try string(args, "filename")
+        guard size <= Int.max, let (block, offset) = memory.resolve(gpa: val, count: Int(size)) else {
+            throw QMPError("Invalid parameter 'val': 0x\(String(val, radix: 16)) + \(size) is not guest RAM")
+        }
+        let fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw QMPError("Could not open '\(file)': \(String(cString: strerror(errno)))") }
+        defer { Glibc.close(fd) }
+        do { try Sys.writeAll(fd, UnsafeRawBufferPointer(start: block.host + offset, count: Int(size))) }
+        catch { throw QMPError("writing memory to '\(file)' failed: \(error)") }
+    }
+
+    static func string(_ args: [String: Any], _ key: String) throws -> String {
+        guard let v = args[key] else { throw QMPError("Parameter '\(key)' is missing") }
+        guard let s = v as? String else { throw QMPError("Invalid parameter type for '\(key)', expected: string") }
+        return s
+    }
+
+    static func optionalBool(_ args: [String: Any], _ key: String) throws -> Bool? {
+        guard let v = args[key] else { return nil }
+        guard let b = v as? Bool else {
+            throw QMPError("Invalid parameter type for '\(key)', expected: boolean")
+        }
+        return b
+    }
+
+    static func uint(_ v: Any, _ key: String) throws -> UInt64 {
+        if let n = v as? NSNumber {
+            let d = n.doubleValue
+            if d >= 0 && d == d.rounded() && d < 1.8e19 { return n.uint64Value }
+        }
+        throw QMPError("Invalid parameter type for '\(key)', expected: integer")
+    }
+}

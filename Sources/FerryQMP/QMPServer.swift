@@ -1,0 +1,172 @@
+import Foundation
+import FerryMachine
+import FerryMigration
+import FerrySys
+import Glibc
+
+/// A QMP error: its class (GenericError, CommandNotFound, ...) and description.
+public struct QMPError: Error, Sendable {
+    public let errorClass: String
+    public let desc: String
+    public init(_ desc: String, class errorClass: String = "GenericError") { self.errorClass = errorClass; self.desc = desc }
+}
+
+/// QEMU Machine Protocol server on a Unix socket (mode 0600). One thread per client;
+/// events go to every client that finished capabilities negotiation. A client that sends
+/// garbage gets an error; one that disconnects mid-command affects nobody else.
+public final class QMPServer: @unchecked Sendable {
+    public let path: String
+    public let host: VMHost
+    /// Called after `quit` has been answered.
+    public var onQuit: (@Sendable () -> Void)?
+    private let listenFd: Int32
+    private let lock = Monitor()
+    private var clients: [Int32: Client] = [:]
+    private var acceptThread: KernelThread?
+
+    final class Client: @unchecked Sendable {
+        let fd: Int32
+        var negotiated = false
+        let writeLock = Monitor()
+        init(fd: Int32) { self.fd = fd }
+        func send(_ object: [String: Any]) {
+            guard var data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
+            data.append(UInt8(ascii: "\r")); data.append(UInt8(ascii: "\n"))
+            writeLock.withLock { data.withUnsafeBytes { _ = try? Sys.writeAll(fd, $0) } }
+        }
+    }
+
+    public init(path: String, host: VMHost) throws {
+        self.path = path
+        self.host = host
+        unlink(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw SysError(errno: errno, call: "socket") }
+        var sa = sockaddr_un()
+        sa.sun_family = sa_family_t(AF_UNIX)
+        let u = Array(path.utf8)
+        guard u.count < 108 else { Sys.close(fd); throw SysError(errno: ENAMETOOLONG, call: "bind(\(path))") }
+        withUnsafeMutableBytes(of: &sa.sun_path) { for i in 0..<u.count { $0[i] = u[i] } }
+        // The socket controls the VM: only its owner may connect.
+        let old = umask(0o077)
+        let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        umask(old)
+        guard r == 0, listen(fd, 16) == 0 else {
+            let e = errno; Sys.close(fd); throw SysError(errno: e, call: "bind/listen(\(path))")
+        }
+        chmod(path, 0o600)
+        listenFd = fd
+        host.subscribe { [weak self] e in self?.migrationEvent(e) }
+    }
+
+    public func start() throws {
+        acceptThread = try KernelThread(name: "qmp/accept") { [self] in
+            while true {
+                let c = accept(listenFd, nil, nil)
+                if c < 0 { if errno == EINTR { continue }; return }
+                _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                let client = Client(fd: c)
+                lock.withLock { clients[c] = client }
+                _ = try? KernelThread(name: "qmp/client") { [self] in serve(client) }
+            }
+        }
+    }
+
+    public func close() {
+        Glibc.shutdown(listenFd, Int32(SHUT_RDWR))
+        Sys.close(listenFd)
+        unlink(path)
+    }
+
+    // MARK: events
+
+    private func migrationEvent(_ e: MigrationEvent) {
+        let eventsOn = host.capabilities.contains(.events)
+        switch e {
+        case .status(let s): if eventsOn { broadcast("MIGRATION", ["status": s.rawValue]) }
+        case .pass(let n): if eventsOn { broadcast("MIGRATION_PASS", ["pass": n]) }
+        case .stop: broadcast("STOP", nil)
+        case .resume: broadcast("RESUME", nil)
+        }
+    }
+
+    public func broadcast(_ name: String, _ data: [String: Any]?) {
+        let t = Sys.wallClock()
+        var ev: [String: Any] = ["event": name, "timestamp": ["seconds": t.seconds, "microseconds": t.microseconds]]
+        if let data { ev["data"] = data }
+        let targets = lock.withLock { clients.values.filter(\.negotiated) }
+        for c in targets { c.send(ev) }
+    }
+
+    // MARK: clients
+
+    private func serve(_ client: Client) {
+        defer {
+            lock.withLock { _ = clients.removeValue(forKey: client.fd) }
+            Sys.close(client.fd)
+        }
+        client.send(["QMP": ["version": ["qemu": ["major": 7, "minor": 2, "micro": 0], "package": "ferry"], "capabilities": [String]()]])
+        var splitter = JSONStreamSplitter()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(client.fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+            for item in splitter.feed(buf[0..<n]) {
+                switch item {
+                case .tooLong:
+                    client.send(error(QMPError("JSON value too long (limit 1 MiB)"), id: nil))
+                case .stray:
+                    client.send(error(QMPError("JSON parse error, invalid character"), id: nil))
+                case .value(let bytes):
+                    guard let obj = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any] else {
+                        client.send(error(QMPError("JSON parse error, expected an object"), id: nil))
+                        continue
+                    }
+                    let reply = handle(obj, client)
+                    client.send(reply)
+                    if obj["execute"] as? String == "quit" { onQuit?() }
+                }
+            }
+        }
+    }
+
+    private func error(_ e: QMPError, id: Any?) -> [String: Any] {
+        var r: [String: Any] = ["error": ["class": e.errorClass, "desc": e.desc]]
+        if let id { r["id"] = id }
+        return r
+    }
+
+    private func handle(_ obj: [String: Any], _ client: Client) -> [String: Any] {
+        let id = obj["id"]
+        guard let name = (obj["execute"] ?? obj["exec-oob"]) as? String else {
+            return error(QMPError("Expected 'execute' or 'exec-oob'"), id: id)
+        }
+        let args = obj["arguments"] as? [String: Any] ?? [:]
+        if obj["arguments"] != nil && !(obj["arguments"] is [String: Any]) {
+            return error(QMPError("QMP input member 'arguments' must be an object"), id: id)
+        }
+        if name == "qmp_capabilities" {
+            if client.negotiated {
+                return error(QMPError("Capabilities negotiation is already complete, command ignored", class: "CommandNotFound"), id: id)
+            }
+            client.negotiated = true
+            var r: [String: Any] = ["return": [String: Any]()]
+            if let id { r["id"] = id }
+            return r
+        }
+        guard client.negotiated else {
+            return error(QMPError("Expecting capabilities negotiation with 'qmp_capabilities'", class: "CommandNotFound"), id: id)
+        }
+        do {
+            let value = try QMPCommands.run(name, args, host: host)
+            var r: [String: Any] = ["return": value]
+            if let id { r["id"] = id }
+            return r
+        } catch let e as QMPError {
+            return error(e, id: id)
+        } catch {
+            return self.error(QMPError("\(error)"), id: id)
+        }
+    }
+}

@@ -1,0 +1,80 @@
+import ArgumentParser
+import FerryQMP
+import FerrySys
+import Foundation
+import Glibc
+
+func mib(_ v: Any?) -> String { String(format: "%.1f MiB", Double((v as? NSNumber)?.uint64Value ?? 0) / 1048576) }
+func num(_ v: Any?) -> UInt64 { (v as? NSNumber)?.uint64Value ?? 0 }
+
+/// Follows a running migration on `client` with a live progress line; returns the final query-migrate.
+func followMigration(_ client: QMPClient, label: String = "", timeout: Double = 3600) throws -> [String: Any] {
+    let start = Sys.monotonicNanos()
+    let tty = isatty(1) != 0
+    var lastLine = ""
+    while true {
+        let info = try client.execute("query-migrate") as? [String: Any] ?? [:]
+        let status = info["status"] as? String ?? "none"
+        let ram = info["ram"] as? [String: Any] ?? [:]
+        var line = "\(label)\(status)"
+        if !ram.isEmpty {
+            line += String(format: "  pass %llu  sent %@  %.0f Mbit/s  remaining %@  dirty %llu pages/s",
+                           num(ram["dirty-sync-count"]), mib(ram["transferred"]), (ram["mbps"] as? NSNumber)?.doubleValue ?? 0,
+                           mib(ram["remaining"]), num(ram["dirty-pages-rate"]))
+            if let e = info["expected-downtime"] { line += "  expected downtime \(num(e)) ms" }
+        }
+        if tty { print("\r\u{1b}[K" + line, terminator: ""); fflush(nil) }
+        else if line != lastLine && (Sys.monotonicNanos() - start) % 1_000_000_000 < 200_000_000 { print(line); fflush(nil) }
+        lastLine = line
+        if ["completed", "failed", "cancelled"].contains(status) {
+            if tty { print("") }
+            return info
+        }
+        if Double(Sys.monotonicNanos() - start) / 1e9 > timeout { throw QMPError("timed out waiting for the migration") }
+        usleep(100_000)
+    }
+}
+
+func printSummary(_ info: [String: Any]) {
+    let ram = info["ram"] as? [String: Any] ?? [:]
+    print("status:        \(info["status"] ?? "?")")
+    if let e = info["error-desc"] { print("error:         \(e)") }
+    print("total time:    \(num(info["total-time"])) ms")
+    print("setup time:    \(num(info["setup-time"])) ms")
+    if let d = info["downtime"] { print("downtime:      \(num(d)) ms") }
+    if !ram.isEmpty {
+        print("transferred:   \(mib(ram["transferred"])) in \(num(ram["dirty-sync-count"])) passes (\(num(ram["normal"])) pages, \(num(ram["duplicate"])) zero pages)")
+    }
+}
+
+struct Migrate: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Migrate a running VM over QMP, with live progress.")
+
+    @Option(help: "The source VM's QMP socket.")
+    var qmp: String
+
+    @Argument(help: "Destination URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND or file:PATH.")
+    var uri: String
+
+    @Option(help: "Bandwidth limit in bytes/s (0 = unlimited).")
+    var maxBandwidth: UInt64?
+
+    @Option(help: "Downtime limit in ms.")
+    var downtimeLimit: UInt64?
+
+    func run() throws {
+        do {
+            let c = try QMPClient(path: qmp)
+            var params: [String: Any] = [:]
+            if let maxBandwidth { params["max-bandwidth"] = maxBandwidth }
+            if let downtimeLimit { params["downtime-limit"] = downtimeLimit }
+            if !params.isEmpty { try c.execute("migrate-set-parameters", params) }
+            try c.execute("migrate", ["uri": uri])
+            let info = try followMigration(c)
+            printSummary(info)
+            if info["status"] as? String != "completed" { throw ExitCode(1) }
+        } catch let e as QMPError {
+            fail(e.desc)
+        }
+    }
+}
