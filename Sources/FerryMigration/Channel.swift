@@ -30,7 +30,11 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     private var closed = false
     private let closeLock = Monitor()
 
+    /// A peer that goes away must be an EPIPE error on this channel, not a process-killing signal.
+    private static let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
+
     public init(fd: Int32, description: String) {
+        _ = Self.ignoreSIGPIPE
         self.fd = fd
         self.description = description
         var st = stat()

@@ -1,0 +1,87 @@
+import FerryMachine
+import FerryMigration
+import FerryWire
+import Glibc
+import Testing
+
+/// A destination VM fed crafted bytes over a real TCP connection.
+@Suite("hostile streams", .serialized)
+struct HostileStreamTests {
+    func feed(_ bytes: [UInt8]) throws -> (VMHost, MigrationStats) {
+        let dst = VMHost(machine: try Machine(memorySize: 4 << 20), incoming: true)
+        try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
+        guard case let .tcp(_, port) = dst.queryMigrate().socketAddress! else { fatalError() }
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = port.bigEndian
+        sa.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        #expect(r == 0)
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        shutdown(fd, Int32(SHUT_WR))
+        let status = dst.waitForMigration(seconds: 10)
+        close(fd)
+        #expect(status == .failed)
+        return (dst, dst.queryMigrate())
+    }
+
+    func header() -> WireBuffer { var w = WireBuffer(); w.fileHeader(); w.configuration(); return w }
+
+    @Test("wrong magic: failed with a clear error, guest not started")
+    func wrongMagic() throws {
+        let (dst, s) = try feed([0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 3])
+        #expect(s.errorDescription?.contains("magic") == true)
+        #expect(dst.runState == .inmigrate)
+        #expect(dst.machine.state == .created)
+    }
+
+    @Test("an offset past the block writes nothing outside guest RAM")
+    func offsetPastBlock() throws {
+        var w = header()
+        w.sectionHeader(.start, id: 0, name: "ram", version: 4); w.ramMemSize(blocks: [("pc.ram", 4 << 20)]); w.ramEOS(); w.footer(id: 0)
+        w.sectionShort(.part, id: 0)
+        w.ramRecord(offset: 4096, flags: .page, block: "pc.ram"); w.append([UInt8](repeating: 0x5a, count: 4096))
+        w.ramRecord(offset: 4 << 20, flags: .page, block: nil); w.append([UInt8](repeating: 0x66, count: 4096))
+        let (dst, s) = try feed(w.bytes)
+        #expect(s.errorDescription?.contains("past the end") == true)
+        #expect(dst.machine.ram.host.load(fromByteOffset: 4096, as: UInt8.self) == 0x5a)
+        let ram = UnsafeRawBufferPointer(start: dst.machine.ram.host, count: dst.machine.ram.length)
+        #expect(!ram.contains(0x66), "bytes of the rejected page landed in guest RAM")
+    }
+
+    @Test("unknown section, bad block name, EOF mid-page and a missing vCPU state all fail cleanly")
+    func classes() throws {
+        var unknown = header(); unknown.sectionHeader(.full, id: 2, name: "e1000", version: 1)
+        #expect(try feed(unknown.bytes).1.errorDescription?.contains("unknown section") == true)
+
+        var block = header()
+        block.sectionHeader(.start, id: 0, name: "ram", version: 4); block.ramMemSize(blocks: [("pc.ram", 4 << 20)]); block.ramEOS(); block.footer(id: 0)
+        block.sectionShort(.part, id: 0); block.ramRecord(offset: 0, flags: .page, block: "vga.vram")
+        #expect(try feed(block.bytes).1.errorDescription?.contains("unknown RAM block") == true)
+
+        var midPage = header()
+        midPage.sectionHeader(.start, id: 0, name: "ram", version: 4); midPage.ramMemSize(blocks: [("pc.ram", 4 << 20)]); midPage.ramEOS(); midPage.footer(id: 0)
+        midPage.sectionShort(.part, id: 0); midPage.ramRecord(offset: 0, flags: .page, block: "pc.ram"); midPage.append([UInt8](repeating: 1, count: 1000))
+        #expect(try feed(midPage.bytes).1.errorDescription?.contains("closed") == true)
+
+        var noCPU = header(); noCPU.eof()
+        #expect(try feed(noCPU.bytes).1.errorDescription?.contains("vCPU state") == true)
+    }
+
+    @Test("a destination whose RAM differs fails the migration; the source keeps running")
+    func layoutMismatch() throws {
+        let src = VMHost(machine: try Machine(memorySize: 16 << 20), incoming: false)
+        try src.boot(image: nil)
+        let dst = VMHost(machine: try Machine(memorySize: 8 << 20), incoming: true)
+        try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
+        try src.migrate(uri: dst.queryMigrate().socketAddress!.description)
+        #expect(dst.waitForMigration(seconds: 20) == .failed)
+        #expect(dst.queryMigrate().errorDescription?.contains("bytes") == true)
+        #expect(src.waitForMigration(seconds: 20) == .failed)
+        #expect(src.runState == .running)
+        #expect(waitForPasses(src.machine, 2))
+        src.machine.pause()
+        #expect(checkMemory(src.machine).passed)
+    }
+}
