@@ -65,7 +65,13 @@ final class OutgoingMigration: @unchecked Sendable {
     func updateParameters(_ p: MigrationParameters) { lock.withLock { _parameters = p } }
 
     private func setStatus(_ s: MigrationStatus) {
-        lock.withLock { _stats.status = s }
+        let changed: Bool = lock.withLock {
+            // Once cancelling, only the end of the cancel may follow.
+            if _stats.status == .cancelling && s != .cancelled && s != .failed { return false }
+            _stats.status = s
+            return true
+        }
+        guard changed else { return }
         host.emit(.status(s))
         host.statusChanged()
     }
@@ -122,6 +128,7 @@ final class OutgoingMigration: @unchecked Sendable {
             setStatus(.active)
 
             try iterateUntilConverged(ch)
+            try checkCancel()
 
             // Switchover: stop the guest, send the rest and the vCPU state.
             host.setRunState(.finishMigrate)
