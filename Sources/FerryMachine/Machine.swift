@@ -29,6 +29,46 @@ public final class Machine: @unchecked Sendable {
     /// The signal that kicks the vCPU thread out of KVM_RUN.
     public static let kickSignal = SIGUSR1
 
+    /// The state the vCPU thread shares. The thread holds it strongly, so dropping the
+    /// `Machine` can stop and join the thread from `deinit`.
+    let core: MachineCore
+
+    public init(memorySize: Int, serial sink: SerialSink = .none, kvm: Kvm? = nil) throws(MachineError) {
+        core = try MachineCore(memorySize: memorySize, serial: sink, kvm: kvm)
+    }
+
+    deinit { core.stop() }
+
+    public var kvm: Kvm { core.kvm }
+    public var vm: VirtualMachine { core.vm }
+    public var memory: GuestMemory { core.memory }
+    public var vcpu: VCPU { core.vcpu }
+    public var serial: SerialPort { core.serial }
+    public var ram: RAMBlock { core.memory.blocks[0] }
+    /// Called on the vCPU thread when the guest stops by itself (shutdown or error).
+    public var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)? {
+        get { core.onGuestStop }
+        set { core.onGuestStop = newValue }
+    }
+    public func loadBootSector(_ image: [UInt8]) throws(MachineError) { try core.loadBootSector(image) }
+    public func loadTestGuest() throws(MachineError) { try core.loadTestGuest() }
+    public var state: VCPURunState { core.state }
+    public var lastError: String? { core.lastError }
+    /// Port and MMIO accesses to devices Ferry does not model (ignored; reads give 0xff).
+    public var unhandledIOCount: Int { core.unhandledIOCount }
+    /// Starts the vCPU thread (running unless `paused`).
+    public func start(paused: Bool = false) throws(MachineError) { try core.start(paused: paused) }
+    /// Stops the guest and waits until the vCPU thread is parked with no pending I/O.
+    public func pause() { core.pause() }
+    /// Lets the guest run again after `pause()`.
+    public func resume() { core.resume() }
+    public var isPaused: Bool { core.isPaused }
+    /// Ends the vCPU thread for good.
+    public func stop() { core.stop() }
+}
+
+final class MachineCore: @unchecked Sendable {
+
     public let kvm: Kvm
     public let vm: VirtualMachine
     public let memory: GuestMemory
@@ -45,10 +85,9 @@ public final class Machine: @unchecked Sendable {
     private var _unhandledIO = 0
     private var _exits = 0
 
-    /// Called on the vCPU thread when the guest stops by itself (shutdown or error).
-    public var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)?
+    var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)?
 
-    public var ram: RAMBlock { memory.blocks[0] }
+    var ram: RAMBlock { memory.blocks[0] }
 
     public init(memorySize: Int, serial sink: SerialSink = .none, kvm: Kvm? = nil) throws(MachineError) {
         guard memorySize >= 2 << 20 else {
@@ -61,7 +100,7 @@ public final class Machine: @unchecked Sendable {
             self.kvm = try kvm ?? Kvm()
             self.vm = try self.kvm.createVM()
             self.memory = try GuestMemory.pc(size: memorySize)
-            try vm.map(memory.blocks[0], slot: Self.ramSlot)
+            try vm.map(memory.blocks[0], slot: Machine.ramSlot)
             self.vcpu = try vm.createVCPU()
             self.serial = try SerialPort(sink: sink)
         } catch let e as KVMError {
@@ -69,10 +108,8 @@ public final class Machine: @unchecked Sendable {
         } catch {
             throw MachineError(.config, "cannot create the VM", cause: error)
         }
-        _ = ferry_install_kick_handler(Self.kickSignal)
+        _ = ferry_install_kick_handler(Machine.kickSignal)
     }
-
-    deinit { stop() }
 
     // MARK: guest loading
 
@@ -114,7 +151,7 @@ public final class Machine: @unchecked Sendable {
             if paused { vcpu.immediateExit = true }
             _state = paused ? .paused : .running
             do {
-                thread = try KernelThread(name: "vcpu0") { [unowned self] in self.vcpuLoop() }
+                thread = try KernelThread(name: "vcpu0") { [self] in self.vcpuLoop() }
                 return nil
             } catch {
                 return MachineError(.vcpu, "cannot start the vCPU thread", cause: error)
@@ -132,7 +169,7 @@ public final class Machine: @unchecked Sendable {
             pauseRequested = true
             monitor.broadcast()
         }
-        thread?.kick(Self.kickSignal)
+        thread?.kick(Machine.kickSignal)
         monitor.withLock {
             while !parked && !quitRequested && thread != nil { monitor.wait(timeoutNanos: 10_000_000) }
             if _state == .running || _state == .halted { _state = .paused }
@@ -161,7 +198,7 @@ public final class Machine: @unchecked Sendable {
             return thread
         }
         guard let t else { return }
-        t.kick(Self.kickSignal)
+        t.kick(Machine.kickSignal)
         t.join()
         monitor.withLock {
             thread = nil
@@ -170,7 +207,7 @@ public final class Machine: @unchecked Sendable {
     }
 
     private func vcpuLoop() {
-        _ = ferry_unblock_signal(Self.kickSignal)
+        _ = ferry_unblock_signal(Machine.kickSignal)
         var lastWasInterrupt = true
         while true {
             let proceed: Bool = monitor.withLock {

@@ -10,7 +10,7 @@ import Glibc
 /// validating decoder, restores the vCPU at EOF and starts the guest. A bad stream fails
 /// the migration with the decoder's error; the guest here never runs from a partial load.
 final class IncomingMigration: @unchecked Sendable {
-    unowned let host: VMHost
+    let host: VMHost
     let uri: MigrationURI
     let capabilities: Set<MigrationCapability>
     let machine: Machine

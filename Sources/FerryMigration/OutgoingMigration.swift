@@ -15,7 +15,7 @@ import Glibc
 /// the destination answers over the return path once its guest runs, which is when the
 /// downtime ends. Any failure or cancel before that leaves the source guest running.
 final class OutgoingMigration: @unchecked Sendable {
-    unowned let host: VMHost
+    let host: VMHost
     let uri: MigrationURI
     let capabilities: Set<MigrationCapability>
     let block: RAMBlock

@@ -70,7 +70,7 @@ async def main():
         addr = (await t.execute("query-migrate"))["socket-address"][0]
         uri = f"tcp:{addr['host']}:{addr['port']}"
         with s.listener() as events:
-            await s.execute("migrate-set-parameters", {"max-bandwidth": 5_000_000})
+            await s.execute("migrate-set-parameters", {"max-bandwidth": 3_000_000, "downtime-limit": 1})
             await s.execute("migrate", {"uri": uri})
             seen = []
             deadline = time.time() + 20
@@ -95,7 +95,7 @@ async def main():
         await t.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         await t.execute("migrate-incoming", {"uri": f"unix:{d}/mig.sock"})
         with s.listener() as events, t.listener() as devents:
-            await s.execute("migrate-set-parameters", {"max-bandwidth": 0})
+            await s.execute("migrate-set-parameters", {"max-bandwidth": 0, "downtime-limit": 300})
             await s.execute("migrate", {"uri": f"unix:{d}/mig.sock"})
             names = []
             while True:
@@ -127,7 +127,11 @@ async def main():
         await s.execute("quit")
         src.wait(timeout=5)
         check(src.returncode == 0, "quit ends the source process")
-        await t.disconnect(); await s.disconnect()
+        await t.disconnect()
+        try:
+            await s.disconnect()  # the server has quit; the client may report EOF
+        except Exception:
+            pass
     finally:
         for p in (src, dst):
             if p.poll() is None:
