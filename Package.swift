@@ -9,13 +9,15 @@ import PackageDescription
 //   FerryMachine   a running VM: vCPU thread, serial port, guest loading
 //   FerryWire      pure stream codec (no I/O)
 //   FerryMigration state machine, source, destination, channels
-//   FerryQMP       QMP server
-//   ferry          the CLI
+//   FerryQMP       QMP server and client
+//   FerryHarness   drives whole ferry processes over QMP (demo, benchmarks)
+//   ferry          the CLI; ferry-bench the benchmarks
 let package = Package(
     name: "Ferry",
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "ferry", targets: ["ferry"]),
+        .executable(name: "ferry-bench", targets: ["ferry-bench"]),
     ],
     dependencies: [
         // The CLI's subcommands and options (`ferry run`, `ferry migrate`, ...).
@@ -30,8 +32,13 @@ let package = Package(
         .target(name: "FerryWire", dependencies: []),
         .target(name: "FerryMigration", dependencies: ["FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
         .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryMachine", "FerrySys", "CFerry"]),
+        .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys"]),
         .executableTarget(name: "ferry", dependencies: [
-            "FerryQMP", "FerryMigration", "FerryMachine", "FerryMemory", "FerrySys",
+            "FerryHarness", "FerryQMP", "FerryMigration", "FerryMachine", "FerryMemory", "FerrySys",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "ferry-bench", dependencies: [
+            "FerryHarness", "FerryQMP", "FerrySys",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "FerryTests", dependencies: [

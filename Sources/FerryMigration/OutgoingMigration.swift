@@ -183,8 +183,10 @@ final class OutgoingMigration: @unchecked Sendable {
                 host.setRunState(.running)
                 host.emit(.resume)
             }
+            let sent = lock.withLock { channel?.bytesWritten } ?? 0
             updateStats {
                 $0.endNanos = Sys.monotonicNanos()
+                $0.transferred = sent
                 if !cancelled { $0.errorDescription = "\(error)" }
             }
             setStatus(cancelled ? .cancelled : .failed)

@@ -1,36 +1,30 @@
 import ArgumentParser
+import FerryHarness
 import FerryQMP
 import FerrySys
 import Foundation
 import Glibc
 
-func mib(_ v: Any?) -> String { String(format: "%.1f MiB", Double((v as? NSNumber)?.uint64Value ?? 0) / 1048576) }
-func num(_ v: Any?) -> UInt64 { (v as? NSNumber)?.uint64Value ?? 0 }
+func mib(_ v: Any?) -> String { String(format: "%.1f MiB", Double(qmpNumber(v)) / 1048576) }
+func num(_ v: Any?) -> UInt64 { qmpNumber(v) }
 
-/// Follows a running migration on `client` with a live progress line; returns the final query-migrate.
-func followMigration(_ client: QMPClient, label: String = "", timeout: Double = 3600) throws -> [String: Any] {
+/// Follows a running migration with a live progress line; returns the final query-migrate.
+func followMigration(_ client: QMPClient, timeout: Double = 3600) throws -> [String: Any] {
     let start = Sys.monotonicNanos()
     let tty = isatty(1) != 0
-    var lastLine = ""
+    var lastPrinted: UInt64 = 0
     while true {
         let info = try client.execute("query-migrate") as? [String: Any] ?? [:]
         let status = info["status"] as? String ?? "none"
-        let ram = info["ram"] as? [String: Any] ?? [:]
-        var line = "\(label)\(status)"
-        if !ram.isEmpty {
-            line += String(format: "  pass %llu  sent %@  %.0f Mbit/s  remaining %@  dirty %llu pages/s",
-                           num(ram["dirty-sync-count"]), mib(ram["transferred"]), (ram["mbps"] as? NSNumber)?.doubleValue ?? 0,
-                           mib(ram["remaining"]), num(ram["dirty-pages-rate"]))
-            if let e = info["expected-downtime"] { line += "  expected downtime \(num(e)) ms" }
-        }
+        let line = progressLine(info)
+        let now = Sys.monotonicNanos()
         if tty { print("\r\u{1b}[K" + line, terminator: ""); fflush(nil) }
-        else if line != lastLine && (Sys.monotonicNanos() - start) % 1_000_000_000 < 200_000_000 { print(line); fflush(nil) }
-        lastLine = line
+        else if now - lastPrinted > 1_000_000_000 { print(line); fflush(nil); lastPrinted = now }
         if ["completed", "failed", "cancelled"].contains(status) {
             if tty { print("") }
             return info
         }
-        if Double(Sys.monotonicNanos() - start) / 1e9 > timeout { throw QMPError("timed out waiting for the migration") }
+        if Double(now - start) / 1e9 > timeout { throw QMPError("timed out waiting for the migration") }
         usleep(100_000)
     }
 }

@@ -1,0 +1,183 @@
+import Foundation
+import FerryMachine
+import FerryMemory
+import FerryQMP
+import FerrySys
+import Glibc
+
+/// Runs whole `ferry run` processes and drives them over QMP, as an operator would: the
+/// demo and the benchmarks are built on it.
+public final class FerryProcess: @unchecked Sendable {
+    public let pid: pid_t
+    public let qmpPath: String
+    public let serialPath: String
+    public let qmp: QMPClient
+
+    public init(executable: String, directory: String, name: String, arguments: [String]) throws {
+        qmpPath = "\(directory)/\(name).qmp"
+        serialPath = "\(directory)/\(name)-serial.log"
+        pid = try spawn(executable, ["run", "--qmp", qmpPath, "--serial", serialPath] + arguments)
+        qmp = try QMPClient(path: qmpPath)
+        try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
+    }
+
+    public func terminate() {
+        kill(pid, SIGTERM)
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+    }
+
+    public var serialBytes: Int {
+        var st = stat()
+        return stat(serialPath, &st) == 0 ? Int(st.st_size) : 0
+    }
+
+    /// Waits until the guest has written at least `count` serial bytes.
+    @discardableResult
+    public func waitForSerial(_ count: Int, seconds: Double) -> Bool {
+        let end = Sys.monotonicNanos() + UInt64(seconds * 1e9)
+        while serialBytes < count {
+            if Sys.monotonicNanos() > end { return false }
+            usleep(20_000)
+        }
+        return true
+    }
+
+    /// Stops the guest, dumps its RAM with pmemsave and runs the memory check on it.
+    public func checkMemory(size: Int, scratch: String) throws -> MemoryChecker.Report {
+        try qmp.execute("stop")
+        try qmp.execute("pmemsave", ["val": 0, "size": size, "filename": scratch])
+        defer { unlink(scratch) }
+        let fd = open(scratch, O_RDONLY)
+        guard fd >= 0 else { throw SysError(errno: errno, call: "open(\(scratch))") }
+        defer { close(fd) }
+        let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
+        guard p != MAP_FAILED, let p else { throw SysError(errno: errno, call: "mmap(\(scratch))") }
+        defer { munmap(p, size) }
+        return MemoryChecker(top: UInt64(TestGuest.top(forMemory: size))).check(base: p, size: size)
+    }
+}
+
+/// The path of the running executable's sibling `ferry` binary.
+public func ferryExecutable() -> String {
+    let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    let sibling = URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent("ferry").path
+    return FileManager.default.isExecutableFile(atPath: sibling) ? sibling : me
+}
+
+public func spawn(_ exe: String, _ args: [String]) throws -> pid_t {
+    var pid: pid_t = 0
+    var cargs = ([exe] + args).map { strdup($0) } + [nil]
+    defer { for p in cargs { free(p) } }
+    // The child must see SIGINT/SIGTERM again (callers may block them for sigwait).
+    var attr = posix_spawnattr_t()
+    posix_spawnattr_init(&attr)
+    var empty = sigset_t()
+    sigemptyset(&empty)
+    posix_spawnattr_setsigmask(&attr, &empty)
+    posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK))
+    defer { posix_spawnattr_destroy(&attr) }
+    let r = posix_spawn(&pid, exe, nil, &attr, &cargs, environ)
+    guard r == 0 else { throw SysError(errno: r, call: "posix_spawn(\(exe))") }
+    return pid
+}
+
+/// One measured migration between two fresh processes.
+public struct MigrationRun: Codable, Sendable {
+    public var scenario: String
+    public var memoryBytes: Int
+    public var maxBandwidth: UInt64
+    public var status: String
+    public var totalTimeMs: UInt64
+    public var downtimeMs: UInt64?
+    public var setupTimeMs: UInt64
+    public var bytesSent: UInt64
+    public var throughputMBps: Double
+    public var passes: UInt64
+    /// Destination memory check after completion (test guest only).
+    public var memoryCheckPassed: Bool?
+    /// After a cancelled migration: the source guest still runs and passes the memory check.
+    public var sourceIntactAfterCancel: Bool?
+    public var error: String?
+}
+
+public struct PrecopyScenario: Sendable {
+    public var name: String
+    public var memory: Int
+    /// nil: the built-in dirtying test guest; else a boot-sector image path.
+    public var guestImage: String?
+    public var maxBandwidth: UInt64 = 0
+    public var downtimeLimit: UInt64 = 300
+    /// Stop waiting for completion after this long and cancel (non-converging runs).
+    public var timeoutSeconds: Double = 120
+    public var transport = "tcp"
+    public init(name: String, memory: Int, guestImage: String? = nil) { self.name = name; self.memory = memory; self.guestImage = guestImage }
+}
+
+public func qmpNumber(_ v: Any?) -> UInt64 { (v as? NSNumber)?.uint64Value ?? 0 }
+
+/// Starts source and destination processes, migrates with `scenario`'s settings, checks the
+/// destination's memory (for the test guest) and returns the numbers. `progress` is called
+/// with every `query-migrate` result while it runs.
+public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executable: String = ferryExecutable(),
+                       progress: ([String: Any]) -> Void = { _ in }) throws -> MigrationRun {
+    mkdir(directory, 0o700)
+    var guestArgs: [String] = []
+    if let g = scenario.guestImage { guestArgs = ["--guest", g] }
+    let src = try FerryProcess(executable: executable, directory: directory, name: "src", arguments: ["--memory", String(scenario.memory)] + guestArgs)
+    defer { src.terminate() }
+    let dst = try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: ["--memory", String(scenario.memory), "--incoming", "defer"])
+    defer { dst.terminate() }
+    if scenario.guestImage == nil { src.waitForSerial(3, seconds: 60) } else { usleep(200_000) }
+    let incoming = scenario.transport == "unix" ? "unix:\(directory)/migrate.sock" : "tcp:127.0.0.1:0"
+    try dst.qmp.execute("migrate-incoming", ["uri": incoming])
+    var target = incoming
+    if let q = try dst.qmp.execute("query-migrate") as? [String: Any],
+       let addr = (q["socket-address"] as? [[String: Any]])?.first, addr["type"] as? String == "inet" {
+        target = "tcp:\(addr["host"]!):\(addr["port"]!)"
+    }
+    try src.qmp.execute("migrate-set-parameters", ["max-bandwidth": scenario.maxBandwidth, "downtime-limit": scenario.downtimeLimit])
+    try src.qmp.execute("migrate", ["uri": target])
+    let start = Sys.monotonicNanos()
+    var info: [String: Any] = [:]
+    var cancelled = false
+    while true {
+        info = try src.qmp.execute("query-migrate") as? [String: Any] ?? [:]
+        progress(info)
+        let status = info["status"] as? String ?? ""
+        if ["completed", "failed", "cancelled"].contains(status) { break }
+        if !cancelled && Double(Sys.monotonicNanos() - start) / 1e9 > scenario.timeoutSeconds {
+            try src.qmp.execute("migrate_cancel")
+            cancelled = true
+        }
+        usleep(20_000)
+    }
+    let ram = info["ram"] as? [String: Any] ?? [:]
+    let total = qmpNumber(info["total-time"])
+    var run = MigrationRun(
+        scenario: scenario.name, memoryBytes: scenario.memory, maxBandwidth: scenario.maxBandwidth,
+        status: info["status"] as? String ?? "?", totalTimeMs: total,
+        downtimeMs: info["downtime"].map { qmpNumber($0) }, setupTimeMs: qmpNumber(info["setup-time"]),
+        bytesSent: qmpNumber(ram["transferred"]),
+        throughputMBps: total > 0 ? Double(qmpNumber(ram["transferred"])) / 1e6 / (Double(total) / 1000) : 0,
+        passes: qmpNumber(ram["dirty-sync-count"]), memoryCheckPassed: nil, sourceIntactAfterCancel: nil,
+        error: info["error-desc"] as? String)
+    if run.status == "completed" && scenario.guestImage == nil {
+        let before = dst.serialBytes
+        dst.waitForSerial(before + 2, seconds: 60)
+        run.memoryCheckPassed = try dst.checkMemory(size: scenario.memory, scratch: "\(directory)/dst-ram.bin").passed
+    }
+    if run.status == "cancelled" && scenario.guestImage == nil {
+        let status = try src.qmp.execute("query-status") as? [String: Any]
+        let before = src.serialBytes
+        let running = status?["status"] as? String == "running" && src.waitForSerial(before + 1, seconds: 30)
+        run.sourceIntactAfterCancel = try running && src.checkMemory(size: scenario.memory, scratch: "\(directory)/src-ram.bin").passed
+    }
+    return run
+}
+
+/// A boot sector that halts at once: the "idle guest".
+public let idleGuestBootSector: [UInt8] = {
+    let code: [UInt8] = [0xfa, 0xf4, 0xeb, 0xfd] // cli; hlt; jmp $-1
+    return code + [UInt8](repeating: 0, count: 510 - code.count) + [0x55, 0xaa]
+}()
