@@ -326,10 +326,11 @@ final class OutgoingMigration: @unchecked Sendable {
         guard used >= budget else { return false }
         try ch.flush()
         let wake = windowStart + 100_000_000
-        while Sys.monotonicNanos() < wake {
+        while true {
             try checkCancel()
-            let left = wake - Sys.monotonicNanos()
-            usleep(UInt32(min(left / 1000, 10_000)))
+            let now = Sys.monotonicNanos()
+            if now >= wake { break }
+            usleep(UInt32(min((wake - now) / 1000, 10_000)))
         }
         windowStart = Sys.monotonicNanos()
         windowBytes = ch.bytesWritten
