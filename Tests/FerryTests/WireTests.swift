@@ -103,8 +103,6 @@ struct WireTests {
     func oversized() {
         var w = WireBuffer(); w.fileHeader(); w.u8(SectionType.configuration.rawValue); w.be32(0xffff_ffff)
         #expect(code(w.bytes) == .badLength)
-        let blob = stream(cpu: []) .dropLast(0)
-        _ = blob
         var big = WireBuffer(); big.fileHeader(); big.configuration()
         big.sectionHeader(.full, id: 1, name: Wire.cpuSectionName, version: 1); big.be32(0x7fff_ffff)
         #expect(code(big.bytes) == .badLength)
