@@ -86,6 +86,7 @@ public struct MigrationStats: Sendable {
     public var dirtyPagesRate: UInt64 = 0
     public var precopyBytes: UInt64 = 0
     public var downtimeBytes: UInt64 = 0
+    public var postcopyRequests: UInt64 = 0
     public var errorDescription: String?
     public var socketAddress: MigrationURI?
 

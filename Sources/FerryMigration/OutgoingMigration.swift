@@ -31,6 +31,13 @@ final class OutgoingMigration: @unchecked Sendable {
     private var rpShut: UInt32?
     private var rpError: String?
 
+    // postcopy
+    private var postcopyRequested = false
+    /// Page requests from the destination, served ahead of the background stream.
+    private var requests: [Range<Int>] = []
+    private var lastRequestBlock: String?
+    private var postcopyRequestCount: UInt64 = 0
+
     /// Pages still to send in this pass (set = dirty).
     let toSend: PageBitmap
     private var cursor = 0
@@ -103,14 +110,29 @@ final class OutgoingMigration: @unchecked Sendable {
 
     private var isCancelled: Bool { lock.withLock { cancelRequested } }
 
+    /// QMP migrate-start-postcopy: switch at the next iteration.
+    func startPostcopy() throws {
+        guard capabilities.contains(.postcopyRAM) else { throw MigrationError(.config, "Enable postcopy with migrate_set_capability before the start of migration") }
+        try lock.withLock {
+            guard _stats.status == .setup || _stats.status == .active else {
+                throw MigrationError(.state, "Postcopy must be started after migration has been started (status \(_stats.status.rawValue))")
+            }
+            postcopyRequested = true
+        }
+    }
+
     private func checkCancel() throws {
         if isCancelled { throw MigrationError(.cancelled, "migration cancelled") }
     }
 
     // MARK: main thread
 
+    /// The guest was paused by this migration, and may be resumed on failure until the
+    /// destination could have started it (the postcopy package went out).
+    private var guestStopped = false
+    private var destinationOwnsGuest = false
+
     private func run() {
-        var guestStopped = false
         var stopNanos: UInt64 = 0
         do {
             let ch = try Transport.connect(uri)
@@ -127,8 +149,13 @@ final class OutgoingMigration: @unchecked Sendable {
             updateStats { $0.setupTimeMs = (Sys.monotonicNanos() - $0.startNanos) / 1_000_000; $0.remaining = UInt64(block.length) }
             setStatus(.active)
 
-            try iterateUntilConverged(ch)
+            let postcopy = try iterateUntilConverged(ch)
             try checkCancel()
+            if postcopy {
+                try runPostcopy(ch)
+                rpThread?.join()
+                return
+            }
 
             // Switchover: stop the guest, send the rest and the vCPU state.
             host.setRunState(.finishMigrate)
@@ -178,14 +205,16 @@ final class OutgoingMigration: @unchecked Sendable {
             try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
             lock.withLock { channel }?.shutdown()
             lock.withLock { channel }?.close()
-            if guestStopped {
+            if guestStopped && !destinationOwnsGuest {
                 machine.resume()
                 host.setRunState(.running)
                 host.emit(.resume)
             }
             let sent = lock.withLock { channel?.bytesWritten } ?? 0
+            let requestCount = lock.withLock { postcopyRequestCount }
             updateStats {
                 $0.endNanos = Sys.monotonicNanos()
+                $0.postcopyRequests = requestCount
                 $0.transferred = sent
                 if !cancelled { $0.errorDescription = "\(error)" }
             }
@@ -202,6 +231,10 @@ final class OutgoingMigration: @unchecked Sendable {
             header.command(.openReturnPath)
             header.ping(1)
         }
+        if capabilities.contains(.postcopyRAM) {
+            guard returnPath else { throw MigrationError(.config, "postcopy needs a return path: use a tcp: or unix: URI") }
+            header.postcopyAdvise()
+        }
         header.sectionHeader(.start, id: Self.ramSectionID, name: Wire.ramSectionName, version: Wire.ramSectionVersion)
         header.ramMemSize(blocks: [(block.name, UInt64(block.length))])
         header.ramEOS()
@@ -211,7 +244,8 @@ final class OutgoingMigration: @unchecked Sendable {
     }
 
     /// Precopy passes until the rest fits the downtime limit.
-    private func iterateUntilConverged(_ ch: MigrationChannel) throws {
+    @discardableResult
+    private func iterateUntilConverged(_ ch: MigrationChannel) throws -> Bool {
         var lastSync = Sys.monotonicNanos()
         var bytesAtSync = ch.bytesWritten
         var bandwidth: Double = 0 // bytes per second
@@ -221,6 +255,7 @@ final class OutgoingMigration: @unchecked Sendable {
         windowBytes = 0
         while true {
             try checkCancel()
+            if lock.withLock({ postcopyRequested }) { return true }
             header.removeAll()
             header.sectionShort(.part, id: Self.ramSectionID)
             try ch.write(header)
@@ -263,7 +298,7 @@ final class OutgoingMigration: @unchecked Sendable {
             let limitMs = parameters.downtimeLimit
             if expectedMs <= limitMs {
                 let stillHalving = remaining < previousRemaining / 2
-                if !stillHalving || expectedMs <= max(1, limitMs / 16) || extraPasses >= 8 { return }
+                if !stillHalving || expectedMs <= max(1, limitMs / 16) || extraPasses >= 8 { return false }
                 extraPasses += 1
             }
             previousRemaining = remaining
@@ -337,6 +372,127 @@ final class OutgoingMigration: @unchecked Sendable {
         return true
     }
 
+    // MARK: postcopy (source)
+
+    /// Stops the guest, tells the destination which pages to drop, ships the vCPU state in a
+    /// package that starts the guest there, then streams the rest, requested pages first.
+    private func runPostcopy(_ ch: MigrationChannel) throws {
+        host.setRunState(.finishMigrate)
+        machine.pause()
+        guestStopped = true
+        let stopNanos = Sys.monotonicNanos()
+        host.emit(.stop)
+        setStatus(.device)
+        try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+        try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
+        // Discard every page still to send: the destination may hold a stale copy.
+        header.removeAll()
+        var ranges: [(start: UInt64, length: UInt64)] = []
+        var i = toSend.nextSet(from: 0)
+        while let s = i {
+            var e = s + 1
+            while e < toSend.bitCount && toSend.test(e) { e += 1 }
+            ranges.append((UInt64(s) << 12, UInt64(e - s) << 12))
+            if ranges.count == 12 { header.ramDiscard(block: block.name, ranges: ranges); ranges.removeAll() }
+            i = toSend.nextSet(from: e)
+        }
+        if !ranges.isEmpty { header.ramDiscard(block: block.name, ranges: ranges) }
+        header.ping(2)
+        var package = WireBuffer(capacity: 16 << 10)
+        package.command(.postcopyListen)
+        let cpu = try machine.vcpu.saveState().encoded()
+        package.sectionHeader(.full, id: Self.cpuSectionID, name: Wire.cpuSectionName, version: Wire.cpuSectionVersion)
+        package.be32(UInt32(cpu.count))
+        package.append(cpu)
+        package.footer(id: Self.cpuSectionID)
+        package.ping(3)
+        package.command(.postcopyRun)
+        header.packaged(length: UInt32(package.count))
+        header.append(package.bytes)
+        destinationOwnsGuest = true // from here on the guest may run over there: never resume it here
+        try ch.write(header)
+        try ch.flush()
+        updateStats { $0.downtimeMs = (Sys.monotonicNanos() - stopNanos) / 1_000_000 }
+        host.setRunState(.postmigrate)
+        setStatus(.postcopyActive)
+
+        // Background stream, with requested pages served first.
+        cursor = 0
+        windowStart = Sys.monotonicNanos()
+        windowBytes = ch.bytesWritten
+        while toSend.nextSet(from: 0) != nil {
+            header.removeAll()
+            header.sectionShort(.part, id: Self.ramSectionID)
+            try ch.write(header)
+            var first = true
+            let pending: [Range<Int>] = lock.withLock { defer { requests.removeAll() }; return requests }
+            for r in pending {
+                for p in r where toSend.testAndClear(p) {
+                    try sendPage(ch, p, named: first)
+                    first = false
+                    cursor = p + 1 // move the background scan near what the guest wants
+                }
+            }
+            var sent = 0
+            while sent < 64, let p = toSend.nextSet(from: cursor) ?? toSend.nextSet(from: 0) {
+                if toSend.testAndClear(p) { try sendPage(ch, p, named: first); first = false; sent += 1 }
+                cursor = p + 1
+            }
+            header.removeAll()
+            header.ramEOS()
+            header.footer(id: Self.ramSectionID)
+            try ch.write(header)
+            try ch.flush()
+            let left = UInt64(toSend.popcount()) * 4096
+            let requestCount = lock.withLock { postcopyRequestCount }
+            updateStats { $0.remaining = left; $0.transferred = ch.bytesWritten; $0.postcopyRequests = requestCount }
+            try postcopyRateLimit(ch)
+        }
+        header.removeAll()
+        header.eof()
+        try ch.write(header)
+        try ch.flush()
+        let shut = try waitForShut(seconds: 600)
+        guard shut == 0 else { throw MigrationError(.protocolError, "the destination reported an error at the end of postcopy (SHUT \(shut))") }
+        let end = Sys.monotonicNanos()
+        let requestCount = lock.withLock { postcopyRequestCount }
+        updateStats { $0.endNanos = end; $0.transferred = ch.bytesWritten; $0.remaining = 0; $0.postcopyRequests = requestCount }
+        setStatus(.completed)
+        ch.close()
+    }
+
+    private func sendPage(_ ch: MigrationChannel, _ i: Int, named: Bool) throws {
+        let page = block.page(i)
+        header.removeAll()
+        if ferry_page_is_zero(page) != 0 {
+            header.ramRecord(offset: UInt64(i) << 12, flags: .zero, block: named ? block.name : nil)
+            try ch.write(header)
+        } else {
+            header.ramRecord(offset: UInt64(i) << 12, flags: .page, block: named ? block.name : nil)
+            try ch.write(header)
+            try ch.write(reference: page, count: Wire.pageSize)
+        }
+    }
+
+    /// max-postcopy-bandwidth for the background stream; a page request cuts the wait short.
+    private func postcopyRateLimit(_ ch: MigrationChannel) throws {
+        let limit = parameters.maxPostcopyBandwidth
+        guard limit > 0 else { return }
+        let now = Sys.monotonicNanos()
+        if now - windowStart >= 100_000_000 { windowStart = now; windowBytes = ch.bytesWritten; return }
+        guard ch.bytesWritten - windowBytes >= limit / 10 else { return }
+        let wake = windowStart + 100_000_000
+        lock.withLock {
+            while requests.isEmpty && rpError == nil {
+                let t = Sys.monotonicNanos()
+                if t >= wake { break }
+                lock.wait(timeoutNanos: wake - t)
+            }
+        }
+        if let e = lock.withLock({ rpError }) { throw MigrationError(.io, "return path failed in postcopy: \(e)") }
+        if Sys.monotonicNanos() >= wake { windowStart = Sys.monotonicNanos(); windowBytes = ch.bytesWritten }
+    }
+
     // MARK: return path
 
     private func startReturnPath(_ ch: MigrationChannel) {
@@ -350,8 +506,22 @@ final class OutgoingMigration: @unchecked Sendable {
                         return
                     case .pong, .switchoverAck:
                         continue
+                    case let .requestPages(blockName, offset, length):
+                        let name = blockName ?? lock.withLock { lastRequestBlock }
+                        guard name == block.name else { throw MigrationError(.protocolError, "page request for unknown RAM block \(name ?? "(none)")") }
+                        guard offset & 4095 == 0, length > 0, length & 4095 == 0, block.contains(offset: offset, count: Int(length)) else {
+                            throw MigrationError(.protocolError, "page request \(offset)+\(length) outside \(block.name)")
+                        }
+                        let first = Int(offset >> 12)
+                        let count = Int(length >> 12)
+                        lock.withLock {
+                            lastRequestBlock = name
+                            postcopyRequestCount += 1
+                            requests.append(first..<first + count)
+                            lock.broadcast()
+                        }
                     default:
-                        throw MigrationError(.protocolError, "unexpected return-path message \(msg) in precopy")
+                        throw MigrationError(.protocolError, "unexpected return-path message \(msg)")
                     }
                 }
             } catch {

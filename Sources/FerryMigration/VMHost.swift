@@ -137,6 +137,12 @@ public final class VMHost: @unchecked Sendable {
         m.start()
     }
 
+    /// QMP migrate-start-postcopy.
+    public func startPostcopy() throws {
+        guard let o = lock.withLock({ outgoing }) else { throw MigrationError(.state, "Postcopy must be started after migration has been started") }
+        try o.startPostcopy()
+    }
+
     public func cancel() throws {
         let o = lock.withLock { outgoing }
         if let o { try o.cancel() }

@@ -9,7 +9,7 @@ import Glibc
 enum QMPCommands {
     static let names = [
         "qmp_capabilities", "query-version", "query-commands", "query-status", "stop", "cont", "quit", "pmemsave",
-        "migrate", "migrate-incoming", "migrate_cancel", "query-migrate",
+        "migrate", "migrate-incoming", "migrate_cancel", "migrate-start-postcopy", "query-migrate",
         "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters", "query-migrate-parameters",
     ]
 
@@ -39,6 +39,9 @@ enum QMPCommands {
             return [String: Any]()
         case "migrate-incoming":
             try host.migrateIncoming(uri: try string(args, "uri"))
+            return [String: Any]()
+        case "migrate-start-postcopy":
+            try host.startPostcopy()
             return [String: Any]()
         case "migrate_cancel":
             try host.cancel()
@@ -108,7 +111,7 @@ enum QMPCommands {
                 "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * 4096,
                 "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
                 "dirty-pages-rate": s.dirtyPagesRate, "page-size": 4096, "precopy-bytes": s.precopyBytes,
-                "downtime-bytes": s.downtimeBytes, "postcopy-bytes": 0, "postcopy-requests": 0, "multifd-bytes": 0,
+                "downtime-bytes": s.downtimeBytes, "postcopy-bytes": 0, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
             ] as [String: Any]
         }
         return r
