@@ -433,8 +433,10 @@ final class OutgoingMigration: @unchecked Sendable {
                     cursor = p + 1 // move the background scan near what the guest wants
                 }
             }
+            // Requested pages always go; the background stream respects max-postcopy-bandwidth.
+            let overBudget = postcopyOverBudget(ch)
             var sent = 0
-            while sent < 64, let p = toSend.nextSet(from: cursor) ?? toSend.nextSet(from: 0) {
+            while !overBudget, sent < 64, let p = toSend.nextSet(from: cursor) ?? toSend.nextSet(from: 0) {
                 if toSend.testAndClear(p) { try sendPage(ch, p, named: first); first = false; sent += 1 }
                 cursor = p + 1
             }
@@ -446,7 +448,7 @@ final class OutgoingMigration: @unchecked Sendable {
             let left = UInt64(toSend.popcount()) * 4096
             let requestCount = lock.withLock { postcopyRequestCount }
             updateStats { $0.remaining = left; $0.transferred = ch.bytesWritten; $0.postcopyRequests = requestCount }
-            try postcopyRateLimit(ch)
+            if overBudget { try waitForRequestOrWindow() }
         }
         header.removeAll()
         header.eof()
@@ -474,23 +476,26 @@ final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
-    /// max-postcopy-bandwidth for the background stream; a page request cuts the wait short.
-    private func postcopyRateLimit(_ ch: MigrationChannel) throws {
+    /// Whether the background stream has used this 100 ms window's max-postcopy-bandwidth.
+    private func postcopyOverBudget(_ ch: MigrationChannel) -> Bool {
         let limit = parameters.maxPostcopyBandwidth
-        guard limit > 0 else { return }
+        guard limit > 0 else { return false }
         let now = Sys.monotonicNanos()
-        if now - windowStart >= 100_000_000 { windowStart = now; windowBytes = ch.bytesWritten; return }
-        guard ch.bytesWritten - windowBytes >= limit / 10 else { return }
+        if now - windowStart >= 100_000_000 { windowStart = now; windowBytes = ch.bytesWritten; return false }
+        return ch.bytesWritten - windowBytes >= limit / 10
+    }
+
+    /// Sleeps until the window ends, or until a page request arrives (served at once).
+    private func waitForRequestOrWindow() throws {
         let wake = windowStart + 100_000_000
-        lock.withLock {
-            while requests.isEmpty && rpError == nil {
+        try lock.withLock {
+            while requests.isEmpty {
+                if let e = rpError { throw MigrationError(.io, "return path failed in postcopy: \(e)") }
                 let t = Sys.monotonicNanos()
                 if t >= wake { break }
                 lock.wait(timeoutNanos: wake - t)
             }
         }
-        if let e = lock.withLock({ rpError }) { throw MigrationError(.io, "return path failed in postcopy: \(e)") }
-        if Sys.monotonicNanos() >= wake { windowStart = Sys.monotonicNanos(); windowBytes = ch.bytesWritten }
     }
 
     // MARK: return path
