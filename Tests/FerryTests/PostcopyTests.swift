@@ -63,4 +63,23 @@ struct PostcopyTests {
         #expect(pair.source.waitForMigration(seconds: 120) == .completed)
         pair.expectDestinationRunsCorrectly()
     }
+
+    @Test("the destination guest is stopped while postcopy pages still arrive; the migration completes and the guest continues")
+    func stoppedDestination() throws {
+        let pair = try postcopyPair()
+        let target = try pair.listen()
+        pair.source.setParameters { $0.maxBandwidth = 5_000_000; $0.maxPostcopyBandwidth = 30_000_000 }
+        try pair.source.migrate(uri: target)
+        #expect(waitUntil { pair.source.queryMigrate().status == .active })
+        try pair.source.startPostcopy()
+        #expect(waitUntil { pair.destination.queryMigrate().status == .postcopyActive })
+        pair.destination.stop()
+        #expect(pair.destination.runState == .paused)
+        #expect(pair.source.queryMigrate().status == .postcopyActive, "the test wants pages still in flight while stopped")
+        #expect(pair.source.waitForMigration(seconds: 120) == .completed)
+        #expect(pair.destination.waitForMigration(seconds: 20) == .completed)
+        #expect(pair.destination.runState == .paused, "completing postcopy must not restart a stopped guest")
+        try pair.destination.cont()
+        pair.expectDestinationRunsCorrectly()
+    }
 }
