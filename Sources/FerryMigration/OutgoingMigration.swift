@@ -316,19 +316,7 @@ final class OutgoingMigration: @unchecked Sendable {
         defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
         while let i = toSend.nextSet(from: cursor) {
             guard toSend.testAndClear(i) else { cursor = i + 1; continue }
-            let page = block.page(i)
-            let offset = UInt64(i) << UInt64(targetPageShift)
-            header.removeAll()
-            if ferry_page_is_zero(page) != 0 {
-                header.ramRecord(offset: offset, flags: .zero, block: first ? block.name : nil)
-                try ch.write(header)
-                duplicate += 1
-            } else {
-                header.ramRecord(offset: offset, flags: .page, block: first ? block.name : nil)
-                try ch.write(header)
-                try ch.write(reference: page, count: Wire.pageSize)
-                normal += 1
-            }
+            if try sendPage(ch, i, named: first) { duplicate += 1 } else { normal += 1 }
             first = false
             cursor = i + 1
             batch += 1
@@ -463,16 +451,22 @@ final class OutgoingMigration: @unchecked Sendable {
         ch.close()
     }
 
-    private func sendPage(_ ch: MigrationChannel, _ i: Int, named: Bool) throws {
+    /// Queues one page record: ZERO for an all-zero page, else PAGE with the page referenced
+    /// straight from guest RAM. The block name goes with the first record of a section.
+    /// Returns true for a zero page.
+    @discardableResult
+    private func sendPage(_ ch: MigrationChannel, _ i: Int, named: Bool) throws -> Bool {
         let page = block.page(i)
         header.removeAll()
         if ferry_page_is_zero(page) != 0 {
             header.ramRecord(offset: UInt64(i) << 12, flags: .zero, block: named ? block.name : nil)
             try ch.write(header)
+            return true
         } else {
             header.ramRecord(offset: UInt64(i) << 12, flags: .page, block: named ? block.name : nil)
             try ch.write(header)
             try ch.write(reference: page, count: Wire.pageSize)
+            return false
         }
     }
 
