@@ -206,3 +206,5 @@ int ferry_eventfd(unsigned int initial) {
     int r = eventfd(initial, EFD_CLOEXEC);
     return r < 0 ? -errno : r;
 }
+
+int ferry_gettid(void) { return (int)syscall(SYS_gettid); }

@@ -59,7 +59,12 @@ public final class Machine: @unchecked Sendable {
     /// Starts the vCPU thread (running unless `paused`).
     public func start(paused: Bool = false) throws(MachineError) { try core.start(paused: paused) }
     /// Stops the guest and waits until the vCPU thread is parked with no pending I/O.
-    public func pause() { core.pause() }
+    public func pause() { _ = core.pause(timeoutNanos: nil) }
+    /// As `pause()`, but gives up waiting after `timeoutNanos` (a vCPU blocked in the kernel
+    /// on a missing postcopy page parks only once the page arrives). True when parked.
+    public func pause(timeoutNanos: UInt64) -> Bool { core.pause(timeoutNanos: timeoutNanos) }
+    /// The vCPU thread's kernel thread id (userfaultfd reports it with each fault); 0 before start.
+    public var vcpuThreadID: UInt32 { core.vcpuThreadID }
     /// Lets the guest run again after `pause()`.
     public func resume() { core.resume() }
     public var isPaused: Bool { core.isPaused }
@@ -162,7 +167,8 @@ final class MachineCore: @unchecked Sendable {
 
     /// Stops the guest and waits until the vCPU thread is parked with no pending I/O.
     /// Safe to call from any thread, repeatedly.
-    public func pause() {
+    public func pause(timeoutNanos: UInt64?) -> Bool {
+        let deadline = timeoutNanos.map { Sys.monotonicNanos() + $0 }
         monitor.withLock {
             guard thread != nil, !quitRequested else { return }
             vcpu.immediateExit = true
@@ -170,11 +176,18 @@ final class MachineCore: @unchecked Sendable {
             monitor.broadcast()
         }
         thread?.kick(Machine.kickSignal)
-        monitor.withLock {
-            while !parked && !quitRequested && thread != nil { monitor.wait(timeoutNanos: 10_000_000) }
+        return monitor.withLock {
+            while !parked && !quitRequested && thread != nil {
+                if let deadline, Sys.monotonicNanos() >= deadline { break }
+                monitor.wait(timeoutNanos: 10_000_000)
+            }
             if _state == .running || _state == .halted { _state = .paused }
+            return parked || thread == nil || quitRequested
         }
     }
+
+    private var _vcpuTID: UInt32 = 0
+    var vcpuThreadID: UInt32 { monitor.withLock { _vcpuTID } }
 
     /// Lets the guest run again after `pause()`.
     public func resume() {
@@ -208,6 +221,8 @@ final class MachineCore: @unchecked Sendable {
 
     private func vcpuLoop() {
         _ = ferry_unblock_signal(Machine.kickSignal)
+        let tid = UInt32(truncatingIfNeeded: ferry_gettid())
+        monitor.withLock { _vcpuTID = tid }
         var lastWasInterrupt = true
         while true {
             let proceed: Bool = monitor.withLock {

@@ -18,6 +18,9 @@ final class IncomingMigration: @unchecked Sendable {
     let layout: RAMLayout
 
     private let lock = Monitor()
+    /// Serialises return-path writers (main, fault and preempt threads), apart from `lock`
+    /// so that a send blocked on a dead link never blocks query-migrate.
+    private let rpLock = Monitor()
     private var _stats = MigrationStats()
     private var channel: MigrationChannel?
     private var thread: KernelThread?
@@ -35,7 +38,17 @@ final class IncomingMigration: @unchecked Sendable {
     private var faultThread: KernelThread?
     private var faultStop: Int32 = -1
     private var lastRequestedBlock: String?
-    private let pageBuffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+    private let pageBuffer = UnsafeMutableRawPointer.allocate(byteCount: 8192, alignment: 4096) // main + preempt bounce pages
+    /// The fault thread may send page requests (false while paused and until RESUME).
+    private var requestsEnabled = false
+    let faults = PostcopyFaultTracker()
+    private var vcpuTID: UInt32 = 0
+    // postcopy-preempt: the urgent-page channel and its reader
+    private var preempt: MigrationChannel?
+    private var preemptThread: KernelThread?
+    // recovery
+    private var recoveryListener: MigrationListener?
+    private var pauseRequested = false
 
     init(host: VMHost, uri: MigrationURI, capabilities: Set<MigrationCapability>) throws {
         self.host = host
@@ -50,12 +63,17 @@ final class IncomingMigration: @unchecked Sendable {
     }
 
     var stats: MigrationStats {
-        lock.withLock {
+        var s: MigrationStats = lock.withLock {
             var s = _stats
             if let ch = channel { s.transferred = ch.bytesRead }
             return s
         }
+        if uffd != nil && capabilities.contains(.postcopyBlocktime) { s.faults = faults.report() }
+        return s
     }
+
+    /// The fault report with every latency sample (benchmarks).
+    public func faultReport() -> PostcopyFaultReport { faults.report(samples: true) }
     var status: MigrationStatus { lock.withLock { _stats.status } }
 
     private func setStatus(_ s: MigrationStatus) {
@@ -83,9 +101,10 @@ final class IncomingMigration: @unchecked Sendable {
         setStatus(.failed)
     }
 
+    /// Writes one return-path message; a failed write is noticed by the main thread's read.
     private func sendReturnPath(_ body: (inout WireBuffer) -> Void) {
-        guard let rp = lock.withLock({ returnPath }) else { return }
-        lock.withLock {
+        rpLock.withLock {
+            guard let rp = lock.withLock({ returnPath }) else { return }
             rpBuffer.removeAll()
             body(&rpBuffer)
             try? rp.write(rpBuffer)
@@ -93,33 +112,49 @@ final class IncomingMigration: @unchecked Sendable {
         }
     }
 
+    /// Heartbeat (the source pings every 250 ms) and keep-alive on a socket channel.
+    private func configure(_ ch: MigrationChannel) {
+        let t = Int32(clamping: host.parameters.heartbeatTimeout)
+        guard ch.isSocket, t > 0 else { return }
+        ch.setLiveness(timeoutMs: t)
+        ch.readTimeoutMs = t
+    }
+
     private func run() {
         do {
             let ch = try listener.accept()
-            listener.close()
+            // Postcopy keeps listening: the urgent channel and automatic recovery come here.
+            if !capabilities.contains(.postcopyRAM) { listener.close() }
+            configure(ch)
             lock.withLock { channel = ch }
             setStatus(.active)
-            if let cpu = try load(ch) {
+            switch try load(ch) {
+            case .precopy(let cpu):
                 try machine.vcpu.restoreState(cpu)
                 try machine.start()
                 host.setRunState(.running)
                 host.emit(.resume)
-            } else {
-                finishPostcopy()
+                lock.withLock { _stats.endNanos = Sys.monotonicNanos() }
+                sendReturnPath { $0.rpShut(0) }
+                setStatus(.completed)
+                ch.close()
+                listener.close()
+            case .postcopy(let decoder):
+                postcopyMain(decoder, ch)
             }
-            lock.withLock { _stats.endNanos = Sys.monotonicNanos() }
-            sendReturnPath { $0.rpShut(0) }
-            setStatus(.completed)
-            ch.close()
         } catch {
             fail(error)
             lock.withLock { channel }?.close()
+            listener.close()
+            finishPostcopy()
         }
     }
 
-    /// Loads a whole stream. Precopy: returns the vCPU state found at EOF. Postcopy: the
-    /// guest was started by the package's RUN; returns nil once every page is installed.
-    private func load(_ ch: MigrationChannel) throws -> VCPUState? {
+    private enum LoadResult { case precopy(VCPUState), postcopy(StreamDecoder) }
+
+    /// Loads a stream up to its end (precopy: the vCPU state found at EOF) or up to the
+    /// postcopy RUN (the guest runs here from then on; the decoder carries on).
+    private func load(_ ch: MigrationChannel) throws -> LoadResult {
         let decoder = StreamDecoder(source: ch, layout: layout)
         try decoder.readFileHeader()
         var cpu: VCPUState?
@@ -133,7 +168,7 @@ final class IncomingMigration: @unchecked Sendable {
             case .section(let h) where h.name == Wire.ramSectionName:
                 if h.type == .start { sawRAMSetup = true }
                 guard sawRAMSetup else { throw WireError(.badSectionID, "RAM pages before the RAM setup section") }
-                if uffd != nil { try loadRAMPostcopy(decoder, ch) } else { try loadRAM(decoder, ch) }
+                try loadRAM(decoder, ch)
                 try decoder.readFooter(expecting: h.id)
             case .section(let h):
                 // validated by the decoder: the vCPU device section
@@ -144,12 +179,12 @@ final class IncomingMigration: @unchecked Sendable {
                 guard postcopyAdvised else { throw MigrationError(.protocolError, "PACKAGED without POSTCOPY_ADVISE") }
                 guard length <= 16_777_216 else { throw WireError(.badLength, "postcopy package of \(length) bytes") }
                 try loadPackage(try ch.bytes(Int(length)))
+                return .postcopy(decoder)
             case .command(let c):
                 try handleCommand(c, ch)
             case .eof:
-                if uffd != nil { return nil }
                 guard let cpu else { throw WireError(.truncated, "the stream ended without the vCPU state") }
-                return cpu
+                return .precopy(cpu)
             }
         }
     }
@@ -207,9 +242,10 @@ final class IncomingMigration: @unchecked Sendable {
     }
 }
 
+
 // MARK: postcopy (destination)
 extension IncomingMigration {
-    /// The package: LISTEN, device state, RUN (and pings), as one nested stream.
+    /// The package: LISTEN, device state, RUN, as one nested stream.
     private func loadPackage(_ blob: [UInt8]) throws {
         let decoder = StreamDecoder(source: ByteArraySource(blob), layout: layout)
         var cpu: VCPUState?
@@ -225,6 +261,10 @@ extension IncomingMigration {
                 try machine.start()
                 host.setRunState(.running)
                 host.emit(.resume)
+                // The guest runs here now: tell the source (its downtime ends; it may no
+                // longer resume the guest there).
+                sendReturnPath { $0.rpPong(Wire.pingPackagedLoaded) }
+                lock.withLock { requestsEnabled = true }
                 setStatus(.postcopyActive)
                 return
             case .section(let h) where h.name == Wire.cpuSectionName:
@@ -238,7 +278,8 @@ extension IncomingMigration {
         }
     }
 
-    /// Arms userfaultfd on all guest RAM and starts the fault thread.
+    /// Arms userfaultfd on all guest RAM, starts the fault thread and, with
+    /// postcopy-preempt, accepts the urgent-page channel.
     private func listen() throws {
         let u = try Userfaultfd()
         let block = machine.ram
@@ -247,12 +288,41 @@ extension IncomingMigration {
         uffd = u
         setStatus(.postcopyDevice)
         faultThread = try KernelThread(name: "mig/dst/fault") { [self] in faultLoop(u, block) }
+        if capabilities.contains(.postcopyPreempt) { try acceptPreempt(on: listener) }
+    }
+
+    private func acceptPreempt(on l: MigrationListener) throws {
+        guard l.waitForConnection(timeoutMs: 10_000) else {
+            throw MigrationError(.timeout, "the source did not open the postcopy-preempt channel")
+        }
+        let pc = try l.accept()
+        configure(pc)
+        pc.readTimeoutMs = 0 // urgent pages come when asked; the main channel carries the heartbeat
+        lock.withLock { preempt = pc }
+        preemptThread = try KernelThread(name: "mig/dst/preempt") { [self] in
+            let decoder = StreamDecoder(source: pc, layout: layout)
+            do {
+                while true {
+                    switch try decoder.nextRAMRecord() {
+                    case .eos: continue
+                    case .memSize: throw MigrationError(.protocolError, "RAM setup on the urgent channel")
+                    case let .page(b, offset): try installPage(b, offset, from: pc, buffer: preemptBuffer)
+                    case let .zero(b, offset): try installZero(b, offset)
+                    }
+                }
+            } catch {
+                // A broken urgent channel is a broken link: make the main thread pause.
+                if lock.withLock({ preempt === pc }) { lock.withLock { channel }?.shutdown() }
+            }
+        }
     }
 
     /// Turns each fault into a page request, once per page, straight onto the return path.
+    /// While paused the requests are only recorded; RESUME re-sends them.
     private func faultLoop(_ u: Userfaultfd, _ block: RAMBlock) {
         let base = UInt64(UInt(bitPattern: block.host))
         let pollIn = Int16(POLLIN)
+        let vcpu = machine.vcpuThreadID
         while true {
             var fds: [pollfd] = [pollfd(fd: u.fd, events: pollIn, revents: 0), pollfd(fd: faultStop, events: pollIn, revents: 0)]
             if poll(&fds, 2, -1) < 0 { if errno == EINTR { continue }; return }
@@ -261,39 +331,217 @@ extension IncomingMigration {
                 let event: Userfaultfd.Event?
                 do { event = try u.readEvent() } catch { event = nil }
                 guard let event else { break }
-                guard case let .pageFault(address, _, _) = event, address >= base else { continue }
-                let delta: UInt64 = address - base
-                let page = Int(delta >> 12)
-                guard page < block.pageCount, !received.test(page), !requested.testAndSet(page) else { continue }
-                let name: String? = lock.withLock { () -> String? in
-                    if lastRequestedBlock == block.name { return nil }
-                    lastRequestedBlock = block.name
-                    return block.name
-                }
-                let offset = UInt64(page) << 12
-                sendReturnPath { $0.rpRequestPages(block: name, offset: offset, length: 4096) }
+                guard case let .pageFault(address, _, tid) = event, address >= base else { continue }
+                let page = Int((address - base) >> 12)
+                guard page < block.pageCount, !received.test(page) else { continue }
+                faults.faulted(page: page, vcpu: tid == (vcpu != 0 ? vcpu : machine.vcpuThreadID))
+                if !requested.testAndSet(page) { requestPage(page, block) }
+                // Installed between our check and the record: resolve it now.
+                if received.test(page) { faults.installed(page: page) }
             }
         }
     }
 
-    /// Postcopy RAM records: each page lands whole and atomically with UFFDIO_COPY/ZEROPAGE,
-    /// and only then counts as received.
-    private func loadRAMPostcopy(_ decoder: StreamDecoder, _ ch: MigrationChannel) throws {
+    private func requestPage(_ page: Int, _ block: RAMBlock) {
+        rpLock.withLock {
+            let (rp, name): (MigrationChannel?, String?) = lock.withLock {
+                guard requestsEnabled, let rp = returnPath else { return (nil, nil) }
+                if lastRequestedBlock == block.name { return (rp, nil) }
+                lastRequestedBlock = block.name
+                return (rp, block.name)
+            }
+            guard let rp else { return }
+            rpBuffer.removeAll()
+            rpBuffer.rpRequestPages(block: name, offset: UInt64(page) << 12, length: 4096)
+            try? rp.write(rpBuffer)
+            try? rp.flush()
+        }
+    }
+
+    private var preemptBuffer: UnsafeMutableRawPointer { pageBuffer + 4096 }
+
+    /// Reads one page into a bounce buffer and installs it whole and atomically; only then
+    /// does it count as received (the recovery contract).
+    private func installPage(_ b: Int, _ offset: UInt64, from ch: MigrationChannel, buffer: UnsafeMutableRawPointer) throws {
         guard let u = uffd else { return }
-        let blocks = machine.memory.blocks
+        try ch.readExactly(UnsafeMutableRawBufferPointer(start: buffer, count: Wire.pageSize))
+        try u.copy(to: machine.memory.blocks[b].host + Int(offset), from: buffer, length: Wire.pageSize)
+        markInstalled(Int(offset >> 12))
+    }
+
+    private func installZero(_ b: Int, _ offset: UInt64) throws {
+        guard let u = uffd else { return }
+        try u.zeroPage(at: machine.memory.blocks[b].host + Int(offset), length: Wire.pageSize)
+        markInstalled(Int(offset >> 12))
+    }
+
+    @inline(__always) private func markInstalled(_ page: Int) {
+        received.set(page)
+        if requested.test(page) { faults.installed(page: page) }
+    }
+
+    /// Postcopy RAM records on the main channel.
+    private func loadRAMPostcopy(_ decoder: StreamDecoder, _ ch: MigrationChannel) throws {
         while true {
             switch try decoder.nextRAMRecord() {
             case .eos: return
             case .memSize: throw MigrationError(.protocolError, "RAM setup during postcopy")
-            case let .page(b, offset):
-                try ch.readExactly(UnsafeMutableRawBufferPointer(start: pageBuffer, count: Wire.pageSize))
-                try u.copy(to: blocks[b].host + Int(offset), from: pageBuffer, length: Wire.pageSize)
-                received.set(Int(offset >> 12))
-            case let .zero(b, offset):
-                try u.zeroPage(at: blocks[b].host + Int(offset), length: Wire.pageSize)
-                received.set(Int(offset >> 12))
+            case let .page(b, offset): try installPage(b, offset, from: ch, buffer: pageBuffer)
+            case let .zero(b, offset): try installZero(b, offset)
             }
         }
+    }
+
+    /// From RUN to the end: read the main channel; any failure pauses (never fails) and
+    /// waits for a recovery channel, on which the same loop carries on.
+    private func postcopyMain(_ first: StreamDecoder, _ firstChannel: MigrationChannel) {
+        var decoder = first
+        var ch = firstChannel
+        while true {
+            do {
+                try postcopyLoad(decoder, ch)
+                try waitForEveryPage()
+                lock.withLock { _stats.endNanos = Sys.monotonicNanos() }
+                finishPostcopy()
+                sendReturnPath { $0.rpShut(0) }
+                setStatus(.completed)
+                closeChannels()
+                listener.close()
+                lock.withLock { recoveryListener }?.close()
+                return
+            } catch {
+                (decoder, ch) = pauseAndWaitForRecovery(after: error)
+            }
+        }
+    }
+
+    /// One channel's worth of postcopy stream: RAM sections, pings, and the recovery
+    /// commands. Returns at EOF.
+    private func postcopyLoad(_ decoder: StreamDecoder, _ ch: MigrationChannel) throws {
+        while true {
+            switch try decoder.nextItem() {
+            case .section(let h) where h.name == Wire.ramSectionName && (h.type == .part || h.type == .end):
+                try loadRAMPostcopy(decoder, ch)
+                try decoder.readFooter(expecting: h.id)
+            case .command(.ping(let v)):
+                sendReturnPath { $0.rpPong(v) }
+            case .command(.recvBitmap(let name)):
+                guard status == .postcopyRecover else { throw MigrationError(.protocolError, "RECV_BITMAP outside postcopy-recover") }
+                guard name == machine.ram.name else { throw MigrationError(.protocolError, "RECV_BITMAP for unknown RAM block \(name)") }
+                let bits = received.serialized()
+                sendReturnPath { $0.rpReceivedBitmap(block: name, bitmap: bits) }
+                lock.withLock { _stats.bitmapBytes += UInt64(bits.count + 16) }
+            case .command(.postcopyResume):
+                guard status == .postcopyRecover else { throw MigrationError(.protocolError, "POSTCOPY_RESUME outside postcopy-recover") }
+                if capabilities.contains(.postcopyPreempt) {
+                    try acceptPreempt(on: lock.withLock { recoveryListener } ?? listener)
+                }
+                sendReturnPath { $0.rpResumeAck() }
+                setStatus(.postcopyActive)
+                resendOutstandingRequests()
+            case .eof:
+                return
+            case .command(let c):
+                throw MigrationError(.protocolError, "command \(c) is not valid during postcopy")
+            case .section(let h):
+                throw MigrationError(.protocolError, "section \(h.name) (type \(h.type)) is not valid during postcopy")
+            case .configuration:
+                throw MigrationError(.protocolError, "configuration section during postcopy")
+            }
+        }
+    }
+
+    /// After RESUME: every page the guest asked for and does not have is asked again
+    /// (the old connection may have lost the requests or their answers).
+    private func resendOutstandingRequests() {
+        let block = machine.ram
+        rpLock.withLock { lock.withLock { requestsEnabled = true; lastRequestedBlock = nil } }
+        var outstanding: [Int] = []
+        requested.forEachSet { p in if !received.test(p) { outstanding.append(p) } }
+        for p in outstanding { requestPage(p, block) }
+    }
+
+    /// At EOF every page must be here; with postcopy-preempt the last urgent pages may
+    /// still be on their way.
+    private func waitForEveryPage() throws {
+        let deadline = Sys.monotonicNanos() + 30_000_000_000
+        while received.popcount() < received.bitCount {
+            if Sys.monotonicNanos() > deadline {
+                throw MigrationError(.timeout, "\(received.bitCount - received.popcount()) pages still missing after the end of the stream")
+            }
+            usleep(500)
+        }
+    }
+
+    private func closeChannels() {
+        let (ch, pc): (MigrationChannel?, MigrationChannel?) = lock.withLock {
+            defer { channel = nil; returnPath = nil; preempt = nil; requestsEnabled = false }
+            return (channel, preempt)
+        }
+        ch?.shutdown()
+        pc?.shutdown()
+        preemptThread?.join()
+        preemptThread = nil
+        ch?.close()
+        pc?.close()
+    }
+
+    /// postcopy-paused: the guest keeps running (blocking only on pages it lacks), faults
+    /// are recorded, nothing received is dropped. Waits for the source's recovery channel
+    /// on the `migrate-recover` address, or (auto-recover) on the original one.
+    private func pauseAndWaitForRecovery(after error: any Error) -> (StreamDecoder, MigrationChannel) {
+        closeChannels()
+        lock.withLock {
+            pauseRequested = false
+            _stats.postcopyPauses += 1
+            _stats.errorDescription = "\(error)"
+        }
+        setStatus(.postcopyPaused)
+        let auto = capabilities.contains(.autoRecover)
+        while true {
+            let l: MigrationListener? = lock.withLock { recoveryListener ?? (auto ? listener : nil) }
+            guard let l, l.waitForConnection(timeoutMs: 100) else {
+                if l == nil { usleep(50_000) }
+                continue
+            }
+            guard let ch = try? l.accept() else { continue }
+            configure(ch)
+            lock.withLock {
+                channel = ch
+                returnPath = ch
+                _stats.recoveryAttempts += 1
+            }
+            setStatus(.postcopyRecover)
+            // The recovery channel carries no header: it starts with RECV_BITMAP.
+            return (StreamDecoder(source: ch, layout: layout), ch)
+        }
+    }
+
+    /// QMP `migrate-recover`.
+    func recover(_ uri: MigrationURI) throws {
+        guard status == .postcopyPaused else { throw MigrationError(.state, "Migrate recover can only be run when postcopy is paused.") }
+        // The original address (the old port) is still ours: reuse its listener.
+        let same = uri == listener.boundURI || uri == listener.uri
+        let l = same ? listener : try MigrationListener(uri)
+        let old: MigrationListener? = lock.withLock {
+            defer { recoveryListener = l }
+            return recoveryListener
+        }
+        if let old, old !== listener, old !== l { old.close() }
+    }
+
+    /// QMP `migrate-pause` on the destination.
+    func pause() throws {
+        let ch: MigrationChannel? = try lock.withLock {
+            let s = _stats.status
+            guard s == .postcopyActive || s == .postcopyRecover else {
+                throw MigrationError(.state, "migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+            }
+            pauseRequested = true
+            return channel
+        }
+        ch?.shutdown()
+        lock.withLock { preempt }?.shutdown()
     }
 
     /// Every page is here: stop catching faults.
@@ -303,6 +551,7 @@ extension IncomingMigration {
             _ = write(faultStop, &one, 8)
         }
         faultThread?.join()
+        faultThread = nil
         if let u = uffd { u.unregister(machine.ram.host, length: machine.ram.length) }
         if faultStop >= 0 { Sys.close(faultStop); faultStop = -1 }
     }

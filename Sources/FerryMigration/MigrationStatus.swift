@@ -45,7 +45,10 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
          postcopyBlocktime = "postcopy-blocktime", lateBlockActivate = "late-block-activate",
          xIgnoreShared = "x-ignore-shared", validateUUID = "validate-uuid", backgroundSnapshot = "background-snapshot",
          zeroCopySend = "zero-copy-send", postcopyPreempt = "postcopy-preempt", switchoverAck = "switchover-ack",
-         dirtyLimit = "dirty-limit", mappedRAM = "mapped-ram"
+         dirtyLimit = "dirty-limit", mappedRAM = "mapped-ram",
+         /// Ferry's own: after a postcopy pause the destination keeps listening and the source
+         /// keeps reconnecting (bounded backoff) until `auto-recover-timeout`.
+         autoRecover = "auto-recover"
 
     /// Capabilities whose behaviour Ferry does not have; enabling them is refused.
     public var isUnsupported: Bool {
@@ -64,6 +67,14 @@ public struct MigrationParameters: Sendable, Equatable {
     public var downtimeLimit: UInt64 = 300
     /// Bytes per second for background pages in postcopy; 0 = unlimited.
     public var maxPostcopyBandwidth: UInt64 = 0
+    /// Ferry: milliseconds without a byte from the peer (heartbeats flow every 250 ms on
+    /// socket migrations) before the link counts as down. 0 = rely on TCP alone.
+    public var heartbeatTimeout: UInt64 = 2000
+    /// Ferry: with `auto-recover`, how long the source keeps trying to reconnect after a pause.
+    public var autoRecoverTimeout: UInt64 = 600_000
+    /// Ferry: with `postcopy-ram`, switch to postcopy by itself after this many dirty-sync
+    /// passes in a row that did not shrink the rest by a tenth. 0 = never.
+    public var postcopyAutoSwitchPasses: UInt64 = 0
     public init() {}
 }
 
@@ -87,6 +98,22 @@ public struct MigrationStats: Sendable {
     public var precopyBytes: UInt64 = 0
     public var downtimeBytes: UInt64 = 0
     public var postcopyRequests: UInt64 = 0
+    public var postcopyBytes: UInt64 = 0
+    /// Precopy did not converge and the source switched to postcopy by itself.
+    public var autoSwitched = false
+    /// Postcopy pauses, time spent paused or recovering, and the last recovery.
+    public var postcopyPauses: UInt64 = 0
+    public var pausedMs: UInt64 = 0
+    /// From `migrate resume` (or the automatic attempt that succeeded) to postcopy-active.
+    public var lastRecoveryMs: Double?
+    /// From a pause (failure detected) to postcopy-active again.
+    public var lastOutageMs: Double?
+    public var recoveries: UInt64 = 0
+    public var recoveryAttempts: UInt64 = 0
+    public var bitmapBytes: UInt64 = 0
+    public var pagesResent: UInt64 = 0
+    /// Destination: fault metrics (capability postcopy-blocktime).
+    public var faults: PostcopyFaultReport?
     public var errorDescription: String?
     public var socketAddress: MigrationURI?
 

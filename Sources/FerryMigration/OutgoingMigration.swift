@@ -33,10 +33,28 @@ final class OutgoingMigration: @unchecked Sendable {
 
     // postcopy
     private var postcopyRequested = false
-    /// Page requests from the destination, served ahead of the background stream.
+    /// Page requests from the destination, served ahead of the background stream (without
+    /// postcopy-preempt; with it the return-path thread sends them itself).
     private var requests: [Range<Int>] = []
     private var lastRequestBlock: String?
     private var postcopyRequestCount: UInt64 = 0
+    /// Where the background scan should continue: just after the last requested page.
+    private var pageHint: Int?
+    /// The urgent-page channel (postcopy-preempt), written by the return-path thread.
+    private var preempt: MigrationChannel?
+    private var preemptNamed = false
+    private var rpHeader = WireBuffer(capacity: 64)
+    private var postcopyLoaded = false
+    // recovery
+    private var pauseRequested = false
+    private var resumeURI: MigrationURI?
+    private var resumeRequestedAt: UInt64 = 0
+    private var recoverBitmap: [UInt8]?
+    private var resumeAcked = false
+    /// The address recovery reconnects to automatically (the last one that worked).
+    private var recoveryURI: MigrationURI
+    private var lastPing: UInt64 = 0
+    private var pingCounter: UInt32 = 0x1000
 
     /// Pages still to send in this pass (set = dirty).
     let toSend: PageBitmap
@@ -57,6 +75,7 @@ final class OutgoingMigration: @unchecked Sendable {
         self.machine = host.machine
         self.block = host.machine.ram
         self.toSend = PageBitmap(bitCount: host.machine.ram.pageCount)
+        self.recoveryURI = uri
     }
 
     var stats: MigrationStats {
@@ -96,8 +115,8 @@ final class OutgoingMigration: @unchecked Sendable {
 
     func cancel() throws {
         let ch: MigrationChannel? = try lock.withLock {
-            if _stats.status.isPostcopy {
-                throw MigrationError(.state, "migrate_cancel is not allowed in postcopy (status \(_stats.status.rawValue)): the guest's state is split between both hosts")
+            if _stats.status.isPostcopy || destinationOwnsGuest {
+                throw MigrationError(.state, "Postcopy migration in progress, cannot cancel (status \(_stats.status.rawValue)): the guest's state is split between both hosts; recover it with migrate resume=true")
             }
             guard _stats.status.isRunning, !cancelRequested else { return nil }
             cancelRequested = true
@@ -136,6 +155,7 @@ final class OutgoingMigration: @unchecked Sendable {
         var stopNanos: UInt64 = 0
         do {
             let ch = try Transport.connect(uri)
+            configure(ch)
             let cancelled: Bool = lock.withLock { channel = ch; return cancelRequested }
             if cancelled { throw MigrationError(.cancelled, "migration cancelled") }
             let returnPath = uri.isBidirectional
@@ -153,7 +173,6 @@ final class OutgoingMigration: @unchecked Sendable {
             try checkCancel()
             if postcopy {
                 try runPostcopy(ch)
-                rpThread?.join()
                 return
             }
 
@@ -233,6 +252,7 @@ final class OutgoingMigration: @unchecked Sendable {
         }
         if capabilities.contains(.postcopyRAM) {
             guard returnPath else { throw MigrationError(.config, "postcopy needs a return path: use a tcp: or unix: URI") }
+            if capabilities.contains(.postcopyPreempt), case .exec = uri { throw MigrationError(.config, "postcopy-preempt needs a tcp: or unix: URI") }
             header.postcopyAdvise()
         }
         header.sectionHeader(.start, id: Self.ramSectionID, name: Wire.ramSectionName, version: Wire.ramSectionVersion)
@@ -251,6 +271,8 @@ final class OutgoingMigration: @unchecked Sendable {
         var bandwidth: Double = 0 // bytes per second
         var previousRemaining = UInt64.max
         var extraPasses = 0
+        var bestRemaining = UInt64(block.length)
+        var stuckPasses: UInt64 = 0
         windowStart = lastSync
         windowBytes = 0
         while true {
@@ -263,6 +285,7 @@ final class OutgoingMigration: @unchecked Sendable {
             header.removeAll()
             header.ramEOS()
             header.footer(id: Self.ramSectionID)
+            if uri.isBidirectional { pingIfDue() }
             try ch.write(header)
             try ch.flush()
             updateStats { $0.remaining = UInt64(toSend.popcount()) * UInt64(Wire.pageSize) }
@@ -302,7 +325,26 @@ final class OutgoingMigration: @unchecked Sendable {
                 extraPasses += 1
             }
             previousRemaining = remaining
+            // Not converging: with the auto-switch parameter, go to postcopy by itself.
+            let switchAfter = parameters.postcopyAutoSwitchPasses
+            if switchAfter > 0 && capabilities.contains(.postcopyRAM) {
+                if Double(remaining) < Double(bestRemaining) * 0.9 { bestRemaining = remaining; stuckPasses = 0 } else { stuckPasses += 1 }
+                if stuckPasses >= switchAfter {
+                    lock.withLock { _stats.autoSwitched = true }
+                    return true
+                }
+            }
         }
+    }
+
+    /// A PING every 250 ms on socket migrations: the destination's PONGs are the return
+    /// path's heartbeat, and the PINGs are the main channel's.
+    private func pingIfDue() {
+        let now = Sys.monotonicNanos()
+        guard now - lastPing >= 250_000_000 else { return }
+        lastPing = now
+        pingCounter &+= 1
+        header.ping(pingCounter)
     }
 
     /// Sends pages still to send, from the cursor on. With `limited`, stops at the rate
@@ -362,8 +404,17 @@ final class OutgoingMigration: @unchecked Sendable {
 
     // MARK: postcopy (source)
 
+    /// Heartbeat and keep-alive settings for a socket channel.
+    private func configure(_ ch: MigrationChannel) {
+        let t = Int32(clamping: parameters.heartbeatTimeout)
+        guard ch.isSocket, t > 0 else { return }
+        ch.setLiveness(timeoutMs: t)
+        ch.readTimeoutMs = t
+    }
+
     /// Stops the guest, tells the destination which pages to drop, ships the vCPU state in a
     /// package that starts the guest there, then streams the rest, requested pages first.
+    /// Once the package is out the guest is never resumed here: failures pause, not fail.
     private func runPostcopy(_ ch: MigrationChannel) throws {
         host.setRunState(.finishMigrate)
         machine.pause()
@@ -393,27 +444,71 @@ final class OutgoingMigration: @unchecked Sendable {
         package.be32(UInt32(cpu.count))
         package.append(cpu)
         package.footer(id: Self.cpuSectionID)
-        package.ping(3)
         package.command(.postcopyRun)
         header.packaged(length: UInt32(package.count))
         header.append(package.bytes)
-        destinationOwnsGuest = true // from here on the guest may run over there: never resume it here
         try ch.write(header)
         try ch.flush()
-        updateStats { $0.downtimeMs = (Sys.monotonicNanos() - stopNanos) / 1_000_000 }
+        // The urgent channel is the second connection; the destination accepts it at LISTEN.
+        if capabilities.contains(.postcopyPreempt) {
+            let pc = try Transport.connect(uri)
+            configure(pc)
+            pc.readTimeoutMs = 0
+            lock.withLock { preempt = pc; preemptNamed = false }
+        }
+        lock.withLock { destinationOwnsGuest = true } // the guest may run over there from now on
+        setStatus(.postcopyDevice)
         host.setRunState(.postmigrate)
-        setStatus(.postcopyActive)
 
-        // Background stream, with requested pages served first.
+        // postcopy-device: the destination answers PONG 0x42 once its guest runs. A SHUT
+        // with an error before that means it never ran, and the guest may run here again.
+        var current = ch
+        do {
+            try lock.withLock {
+                while !postcopyLoaded {
+                    if let s = rpShut, s != 0 { throw PostcopyDeviceFailure(shut: s) }
+                    if let e = rpError { throw MigrationError(.io, "return path failed before the destination ran the guest: \(e)") }
+                    if pauseRequested { throw MigrationError(.io, "Postcopy migration is paused by the user") }
+                    lock.wait(timeoutNanos: 10_000_000)
+                }
+            }
+            updateStats { $0.downtimeMs = (Sys.monotonicNanos() - stopNanos) / 1_000_000 }
+            setStatus(.postcopyActive)
+        } catch let f as PostcopyDeviceFailure {
+            lock.withLock { destinationOwnsGuest = false }
+            try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, true)
+            throw MigrationError(.protocolError, "the destination failed to start the guest (SHUT \(f.shut)); the guest continues here")
+        } catch {
+            current = pauseAndRecover(after: error, old: ch)
+        }
+        while true {
+            do {
+                try streamPostcopy(current)
+                return
+            } catch {
+                current = pauseAndRecover(after: error, old: current)
+            }
+        }
+    }
+
+    private struct PostcopyDeviceFailure: Error { let shut: UInt32 }
+
+    /// The postcopy background stream until every page is on the destination, then EOF and
+    /// the destination's SHUT(0). Throws on any channel error or a forced pause.
+    private func streamPostcopy(_ ch: MigrationChannel) throws {
         cursor = 0
         windowStart = Sys.monotonicNanos()
         windowBytes = ch.bytesWritten
         while toSend.nextSet(from: 0) != nil {
+            try checkPaused()
             header.removeAll()
             header.sectionShort(.part, id: Self.ramSectionID)
             try ch.write(header)
             var first = true
-            let pending: [Range<Int>] = lock.withLock { defer { requests.removeAll() }; return requests }
+            let (pending, hint): ([Range<Int>], Int?) = lock.withLock {
+                defer { requests.removeAll(); pageHint = nil }
+                return (requests, pageHint)
+            }
             for r in pending {
                 for p in r where toSend.testAndClear(p) {
                     try sendPage(ch, p, named: first)
@@ -421,6 +516,7 @@ final class OutgoingMigration: @unchecked Sendable {
                     cursor = p + 1 // move the background scan near what the guest wants
                 }
             }
+            if let hint { cursor = hint }
             // Requested pages always go; the background stream respects max-postcopy-bandwidth.
             let overBudget = postcopyOverBudget(ch)
             var sent = 0
@@ -431,6 +527,7 @@ final class OutgoingMigration: @unchecked Sendable {
             header.removeAll()
             header.ramEOS()
             header.footer(id: Self.ramSectionID)
+            pingIfDue()
             try ch.write(header)
             try ch.flush()
             let left = UInt64(toSend.popcount()) * 4096
@@ -443,12 +540,180 @@ final class OutgoingMigration: @unchecked Sendable {
         try ch.write(header)
         try ch.flush()
         let shut = try waitForShut(seconds: 600)
-        guard shut == 0 else { throw MigrationError(.protocolError, "the destination reported an error at the end of postcopy (SHUT \(shut))") }
+        guard shut == 0 else {
+            // The destination's guest runs; never give up on it: pause and let recovery decide.
+            throw MigrationError(.protocolError, "the destination reported an error at the end of postcopy (SHUT \(shut))")
+        }
         let end = Sys.monotonicNanos()
         let requestCount = lock.withLock { postcopyRequestCount }
         updateStats { $0.endNanos = end; $0.transferred = ch.bytesWritten; $0.remaining = 0; $0.postcopyRequests = requestCount }
         setStatus(.completed)
-        ch.close()
+        closeChannels(ch)
+    }
+
+    private func checkPaused() throws {
+        try lock.withLock {
+            if pauseRequested { throw MigrationError(.io, "Postcopy migration is paused by the user") }
+            if let e = rpError { throw MigrationError(.io, "return path failed in postcopy: \(e)") }
+        }
+    }
+
+    /// Shuts and closes the main and urgent channels and waits for the return-path thread.
+    private func closeChannels(_ ch: MigrationChannel?) {
+        let pc: MigrationChannel? = lock.withLock { defer { preempt = nil }; return preempt }
+        ch?.shutdown()
+        pc?.shutdown()
+        rpThread?.join()
+        rpThread = nil
+        ch?.close()
+        pc?.close()
+    }
+
+    /// postcopy-paused until recovered: keeps every page and queued request, waits for
+    /// `migrate resume=true` (or, with auto-recover, reconnects by itself with backoff), and
+    /// runs the recovery handshake. A failed attempt returns here; this never gives up.
+    private func pauseAndRecover(after error: any Error, old: MigrationChannel) -> MigrationChannel {
+        let pausedAt = Sys.monotonicNanos()
+        closeChannels(old)
+        lock.withLock {
+            rpError = nil; rpShut = nil; pauseRequested = false
+            _stats.postcopyPauses += 1
+            _stats.errorDescription = "\(error)"
+        }
+        lock.withLock { channel = nil }
+        setStatus(.postcopyPaused)
+        let auto = capabilities.contains(.autoRecover)
+        var backoff: UInt64 = 50_000_000
+        var nextAttempt = pausedAt + backoff
+        while true {
+            let target: MigrationURI = lock.withLock {
+                while true {
+                    if let u = resumeURI { resumeURI = nil; return u }
+                    let now = Sys.monotonicNanos()
+                    let deadline = pausedAt + parameters.autoRecoverTimeout * 1_000_000
+                    if auto && now < deadline {
+                        if now >= nextAttempt { resumeRequestedAt = now; return recoveryURI }
+                        lock.wait(timeoutNanos: nextAttempt - now)
+                    } else {
+                        lock.wait(timeoutNanos: 100_000_000)
+                    }
+                }
+            }
+            let attemptStart = lock.withLock { resumeRequestedAt }
+            updateStats { $0.recoveryAttempts += 1 }
+            setStatus(.postcopyRecoverSetup)
+            var newChannel: MigrationChannel?
+            do {
+                let ch = try Transport.connect(target)
+                configure(ch)
+                newChannel = ch
+                lock.withLock { channel = ch; recoverBitmap = nil; resumeAcked = false }
+                setStatus(.postcopyRecover)
+                try resumeHandshake(ch, target)
+                let now = Sys.monotonicNanos()
+                recoveryURI = target
+                updateStats {
+                    $0.recoveries += 1
+                    $0.lastRecoveryMs = Double(now - attemptStart) / 1e6
+                    $0.lastOutageMs = Double(now - pausedAt) / 1e6
+                    $0.pausedMs += (now - pausedAt) / 1_000_000
+                    $0.errorDescription = nil
+                }
+                setStatus(.postcopyActive)
+                return ch
+            } catch {
+                closeChannels(newChannel)
+                lock.withLock {
+                    rpError = nil; rpShut = nil; pauseRequested = false; channel = nil
+                    _stats.errorDescription = "recovery failed: \(error)"
+                }
+                setStatus(.postcopyPaused)
+                nextAttempt = Sys.monotonicNanos() + backoff
+                backoff = min(backoff * 2, 1_000_000_000)
+            }
+        }
+    }
+
+    /// The source half of recovery on a new channel (which starts with commands, no header):
+    /// RECV_BITMAP → the destination's received bitmap → "still to send" is its complement;
+    /// a new urgent channel; POSTCOPY_RESUME → RESUME_ACK.
+    private func resumeHandshake(_ ch: MigrationChannel, _ target: MigrationURI) throws {
+        startReturnPath(ch)
+        header.removeAll()
+        header.recvBitmapRequest(block: block.name)
+        try ch.write(header)
+        try ch.flush()
+        let bits = try waitRecovery(seconds: 30) { recoverBitmap }
+        guard let received = PageBitmap.deserialize(bits, bitCount: block.pageCount) else {
+            throw MigrationError(.protocolError, "received bitmap of \(bits.count) bytes does not fit \(block.pageCount) pages")
+        }
+        let before = toSend.popcount()
+        received.complement()
+        toSend.clearAll()
+        toSend.formUnion(received)
+        let after = toSend.popcount()
+        updateStats {
+            $0.bitmapBytes += UInt64(bits.count + 16 + 5 + block.name.utf8.count)
+            $0.pagesResent += UInt64(max(0, after - before))
+            $0.remaining = UInt64(after) * 4096
+        }
+        cursor = 0
+        if capabilities.contains(.postcopyPreempt) {
+            let pc = try Transport.connect(target)
+            configure(pc)
+            pc.readTimeoutMs = 0
+            lock.withLock { preempt = pc; preemptNamed = false }
+        }
+        header.removeAll()
+        header.command(.postcopyResume)
+        try ch.write(header)
+        try ch.flush()
+        _ = try waitRecovery(seconds: 30) { resumeAcked ? true : nil }
+    }
+
+    /// Waits (lock held) for `value` from the return-path thread, or its error, a forced
+    /// pause, or the deadline.
+    private func waitRecovery<T>(seconds: Double, _ value: () -> T?) throws -> T {
+        let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
+        return try lock.withLock {
+            while true {
+                if let v = value() { return v }
+                if let e = rpError { throw MigrationError(.io, "return path failed during recovery: \(e)") }
+                if pauseRequested { throw MigrationError(.io, "Postcopy recovery is paused by the user") }
+                if Sys.monotonicNanos() > deadline { throw MigrationError(.timeout, "the destination did not answer within \(Int(seconds)) s") }
+                lock.wait(timeoutNanos: 10_000_000)
+            }
+        }
+    }
+
+    /// The destination may have run the guest: it must never run here again.
+    var guestHandedOver: Bool { lock.withLock { destinationOwnsGuest } }
+
+    /// QMP `migrate` with resume=true.
+    func resume(_ target: MigrationURI) throws {
+        try lock.withLock {
+            guard _stats.status == .postcopyPaused else {
+                throw MigrationError(.state, "Cannot resume if there is no paused migration (status \(_stats.status.rawValue))")
+            }
+            resumeURI = target
+            resumeRequestedAt = Sys.monotonicNanos()
+            lock.broadcast()
+        }
+    }
+
+    /// QMP `migrate-pause`: force postcopy-paused (the link may merely stall).
+    func pause() throws {
+        let (ch, pc): (MigrationChannel?, MigrationChannel?) = try lock.withLock {
+            let s = _stats.status
+            guard s == .postcopyActive || s == .postcopyRecover || s == .postcopyDevice || s == .postcopyRecoverSetup else {
+                throw MigrationError(.state, "migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+            }
+            pauseRequested = true
+            lock.broadcast()
+            return (channel, preempt)
+        }
+        ch?.shutdown()
+        pc?.shutdown()
     }
 
     /// Queues one page record: ZERO for an all-zero page, else PAGE with the page referenced
@@ -456,15 +721,20 @@ final class OutgoingMigration: @unchecked Sendable {
     /// Returns true for a zero page.
     @discardableResult
     private func sendPage(_ ch: MigrationChannel, _ i: Int, named: Bool) throws -> Bool {
+        try Self.sendPage(ch, block, i, named: named, buffer: &header)
+    }
+
+    @discardableResult
+    private static func sendPage(_ ch: MigrationChannel, _ block: RAMBlock, _ i: Int, named: Bool, buffer: inout WireBuffer) throws -> Bool {
         let page = block.page(i)
-        header.removeAll()
+        buffer.removeAll()
         if ferry_page_is_zero(page) != 0 {
-            header.ramRecord(offset: UInt64(i) << 12, flags: .zero, block: named ? block.name : nil)
-            try ch.write(header)
+            buffer.ramRecord(offset: UInt64(i) << 12, flags: .zero, block: named ? block.name : nil)
+            try ch.write(buffer)
             return true
         } else {
-            header.ramRecord(offset: UInt64(i) << 12, flags: .page, block: named ? block.name : nil)
-            try ch.write(header)
+            buffer.ramRecord(offset: UInt64(i) << 12, flags: .page, block: named ? block.name : nil)
+            try ch.write(buffer)
             try ch.write(reference: page, count: Wire.pageSize)
             return false
         }
@@ -485,6 +755,7 @@ final class OutgoingMigration: @unchecked Sendable {
         try lock.withLock {
             while requests.isEmpty {
                 if let e = rpError { throw MigrationError(.io, "return path failed in postcopy: \(e)") }
+                if pauseRequested { throw MigrationError(.io, "Postcopy migration is paused by the user") }
                 let t = Sys.monotonicNanos()
                 if t >= wake { break }
                 lock.wait(timeoutNanos: wake - t)
@@ -503,7 +774,9 @@ final class OutgoingMigration: @unchecked Sendable {
                     case .shut(let v):
                         lock.withLock { rpShut = v; lock.broadcast() }
                         return
-                    case .pong, .switchoverAck:
+                    case .pong(let v):
+                        if v == Wire.pingPackagedLoaded { lock.withLock { postcopyLoaded = true; lock.broadcast() } }
+                    case .switchoverAck:
                         continue
                     case let .requestPages(blockName, offset, length):
                         let name = blockName ?? lock.withLock { lastRequestBlock }
@@ -513,18 +786,49 @@ final class OutgoingMigration: @unchecked Sendable {
                         }
                         let first = Int(offset >> 12)
                         let count = Int(length >> 12)
-                        lock.withLock {
-                            lastRequestBlock = name
-                            postcopyRequestCount += 1
-                            requests.append(first..<first + count)
-                            lock.broadcast()
-                        }
-                    default:
-                        throw MigrationError(.protocolError, "unexpected return-path message \(msg)")
+                        try serveRequest(first..<first + count, name: name)
+                    case .receivedBitmap(let name):
+                        let expecting = lock.withLock { _stats.status == .postcopyRecover && recoverBitmap == nil }
+                        guard expecting else { throw MigrationError(.protocolError, "unexpected received bitmap") }
+                        guard name == block.name else { throw MigrationError(.protocolError, "received bitmap for unknown RAM block \(name)") }
+                        let bits = try ReturnPathDecoder.readReceivedBitmap(ch, expectedBytes: toSend.byteCount)
+                        lock.withLock { recoverBitmap = bits; lock.broadcast() }
+                    case .resumeAck(let v):
+                        guard v == Wire.resumeAckValue else { throw MigrationError(.protocolError, "RESUME_ACK with value \(v)") }
+                        lock.withLock { resumeAcked = true; lock.broadcast() }
                     }
                 }
             } catch {
                 lock.withLock { rpError = "\(error)"; lock.broadcast() }
+                // Unblock the main thread if it is stuck in a send to a dead peer.
+                ch.shutdown()
+                lock.withLock { preempt }?.shutdown()
+            }
+        }
+    }
+
+    /// A page request: with postcopy-preempt the pages go out right here on the urgent
+    /// channel (no hop through the main thread); otherwise they are queued ahead of the
+    /// background stream. Either way the background scan moves on from just after them.
+    private func serveRequest(_ pages: Range<Int>, name: String?) throws {
+        let pc: MigrationChannel? = lock.withLock {
+            lastRequestBlock = name
+            postcopyRequestCount += 1
+            pageHint = pages.upperBound < block.pageCount ? pages.upperBound : nil
+            if preempt == nil { requests.append(pages); lock.broadcast() }
+            return preempt
+        }
+        guard let pc else { return }
+        var sent = false
+        for p in pages where toSend.testAndClear(p) {
+            try Self.sendPage(pc, block, p, named: !preemptNamed, buffer: &rpHeader)
+            preemptNamed = true
+            sent = true
+        }
+        if sent {
+            do { try pc.flush() } catch {
+                // A broken urgent channel is a link failure: pause like the main channel would.
+                throw MigrationError(.io, "urgent-page channel failed", cause: error)
             }
         }
     }
@@ -536,6 +840,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 if let s = rpShut { return s }
                 if let e = rpError { throw MigrationError(.io, "return path failed before the destination confirmed: \(e)") }
                 if cancelRequested { throw MigrationError(.cancelled, "migration cancelled") }
+                if pauseRequested { throw MigrationError(.io, "Postcopy migration is paused by the user") }
                 if Sys.monotonicNanos() > deadline { throw MigrationError(.timeout, "the destination did not confirm within \(Int(seconds)) s") }
                 lock.wait(timeoutNanos: 10_000_000)
             }

@@ -211,6 +211,14 @@ public final class MigrationListener: @unchecked Sendable {
         }
     }
 
+    /// Waits up to `timeoutMs` for a pending connection (sockets; exec/file are always ready).
+    public func waitForConnection(timeoutMs: Int32) -> Bool {
+        guard fd >= 0 else { return true }
+        guard !lock.withLock({ closed }) else { return false }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, timeoutMs) > 0 && p.revents & Int16(POLLIN) != 0
+    }
+
     /// Stops listening; a blocked `accept` returns with an error.
     public func close() {
         lock.withLock {

@@ -87,6 +87,9 @@ public final class VMHost: @unchecked Sendable {
         case .prelaunch:
             try machine.start()
         case .paused, .postmigrate:
+            if lock.withLock({ outgoing?.guestHandedOver ?? false }) {
+                throw MigrationError(.state, "the guest runs on the destination after postcopy; resuming it here would split it in two")
+            }
             machine.resume()
         }
         setRunState(.running)
@@ -95,7 +98,9 @@ public final class VMHost: @unchecked Sendable {
 
     public func stop() {
         guard runState == .running else { return }
-        machine.pause()
+        // A vCPU blocked on a missing postcopy page parks only when the page arrives; `stop`
+        // must not hang QMP meanwhile (the pause takes effect then).
+        _ = machine.pause(timeoutNanos: 500_000_000)
         setRunState(.paused)
         emit(.stop)
     }
@@ -110,7 +115,12 @@ public final class VMHost: @unchecked Sendable {
 
     public func migrate(uri text: String, resume: Bool = false) throws {
         let uri = try MigrationURI(text)
-        if resume { throw MigrationError(.state, "migrate with resume requires a paused postcopy migration") }
+        if resume {
+            guard uri.isBidirectional else { throw MigrationError(.badURI, "postcopy recovery needs a tcp: or unix: URI") }
+            guard let o = lock.withLock({ outgoing }) else { throw MigrationError(.state, "Cannot resume if there is no paused migration") }
+            try o.resume(uri)
+            return
+        }
         let m: OutgoingMigration = try lock.withLock {
             if incoming != nil { throw MigrationError(.state, "this VM is a migration destination") }
             if let o = outgoing, o.status.isRunning { throw MigrationError(.state, "There's a migration process in progress") }
@@ -141,6 +151,22 @@ public final class VMHost: @unchecked Sendable {
     public func startPostcopy() throws {
         guard let o = lock.withLock({ outgoing }) else { throw MigrationError(.state, "Postcopy must be started after migration has been started") }
         try o.startPostcopy()
+    }
+
+    /// QMP `migrate-pause`, on either side: force postcopy-paused.
+    public func migratePause() throws {
+        let (o, i) = lock.withLock { (outgoing, incoming) }
+        if let o, o.status.isRunning { try o.pause(); return }
+        if let i, i.status.isRunning { try i.pause(); return }
+        throw MigrationError(.state, "migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+    }
+
+    /// QMP `migrate-recover` (destination): listen on `uri` for the source's recovery channel.
+    public func migrateRecover(uri text: String) throws {
+        let uri = try MigrationURI(text)
+        guard uri.isBidirectional else { throw MigrationError(.badURI, "postcopy recovery needs a tcp: or unix: URI") }
+        guard let i = lock.withLock({ incoming }) else { throw MigrationError(.state, "Migrate recover can only be run when postcopy is paused.") }
+        try i.recover(uri)
     }
 
     public func cancel() throws {

@@ -9,7 +9,7 @@ import Glibc
 enum QMPCommands {
     static let names = [
         "qmp_capabilities", "query-version", "query-commands", "query-status", "stop", "cont", "quit", "pmemsave",
-        "migrate", "migrate-incoming", "migrate_cancel", "migrate-start-postcopy", "query-migrate",
+        "migrate", "migrate-incoming", "migrate_cancel", "migrate-start-postcopy", "migrate-pause", "migrate-recover", "query-migrate",
         "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters", "query-migrate-parameters",
     ]
 
@@ -43,6 +43,12 @@ enum QMPCommands {
         case "migrate-start-postcopy":
             try host.startPostcopy()
             return [String: Any]()
+        case "migrate-pause":
+            try host.migratePause()
+            return [String: Any]()
+        case "migrate-recover":
+            try host.migrateRecover(uri: try string(args, "uri"))
+            return [String: Any]()
         case "migrate_cancel":
             try host.cancel()
             return [String: Any]()
@@ -75,6 +81,9 @@ enum QMPCommands {
                         guard d <= 2_000_000 else { throw QMPError("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds") }
                         p.downtimeLimit = d
                     case "max-postcopy-bandwidth": p.maxPostcopyBandwidth = try uint(v, k)
+                    case "heartbeat-timeout": p.heartbeatTimeout = try uint(v, k)
+                    case "auto-recover-timeout": p.autoRecoverTimeout = try uint(v, k)
+                    case "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses = try uint(v, k)
                     default: throw QMPError("Parameter '\(k)' is unexpected")
                     }
                 }
@@ -82,7 +91,9 @@ enum QMPCommands {
             return [String: Any]()
         case "query-migrate-parameters":
             let p = host.parameters
-            return ["max-bandwidth": p.maxBandwidth, "downtime-limit": p.downtimeLimit, "max-postcopy-bandwidth": p.maxPostcopyBandwidth]
+            return ["max-bandwidth": p.maxBandwidth, "downtime-limit": p.downtimeLimit, "max-postcopy-bandwidth": p.maxPostcopyBandwidth,
+                    "heartbeat-timeout": p.heartbeatTimeout, "auto-recover-timeout": p.autoRecoverTimeout,
+                    "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses]
         default:
             throw QMPError("The command \(name) has not been found", class: "CommandNotFound")
         }
@@ -92,7 +103,21 @@ enum QMPCommands {
         let s = host.queryMigrate()
         guard s.status != .none else { return [:] }
         var r: [String: Any] = ["status": s.status.rawValue]
-        if let e = s.errorDescription, s.status == .failed { r["error-desc"] = e }
+        if let e = s.errorDescription, s.status == .failed || s.status == .postcopyPaused { r["error-desc"] = e }
+        if let f = s.faults {
+            r["postcopy-blocktime"] = f.blocktimeMs
+            r["postcopy-vcpu-blocktime"] = f.vcpuBlocktimeMs
+            r["postcopy-latency"] = f.latencyNs
+            r["postcopy-latency-dist"] = f.distribution
+            r["x-postcopy-fault-latency"] = ["faults": f.faults, "vcpu-faults": f.vcpuFaults, "p50-us": f.p50Us, "p99-us": f.p99Us, "max-us": f.maxUs] as [String: Any]
+        }
+        if s.postcopyPauses > 0 || s.recoveryAttempts > 0 {
+            var rec: [String: Any] = ["pauses": s.postcopyPauses, "recoveries": s.recoveries, "attempts": s.recoveryAttempts,
+                                      "paused-ms": s.pausedMs, "bitmap-bytes": s.bitmapBytes, "pages-resent": s.pagesResent]
+            if let v = s.lastRecoveryMs { rec["last-recovery-ms"] = v }
+            if let v = s.lastOutageMs { rec["last-outage-ms"] = v }
+            r["x-postcopy-recovery"] = rec
+        }
         if let a = s.socketAddress {
             switch a {
             case let .tcp(h, p): r["socket-address"] = [["type": "inet", "host": h, "port": String(p)]]
@@ -112,6 +137,7 @@ enum QMPCommands {
                 "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
                 "dirty-pages-rate": s.dirtyPagesRate, "page-size": 4096, "precopy-bytes": s.precopyBytes,
                 "downtime-bytes": s.downtimeBytes, "postcopy-bytes": 0, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
+                "x-auto-postcopy": s.autoSwitched,
             ] as [String: Any]
         }
         return r

@@ -24,7 +24,7 @@ struct PostcopyTests {
         #expect(pair.source.waitForMigration(seconds: 120) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
         #expect(pair.destination.waitForMigration(seconds: 20) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
         let statuses = events.values.compactMap { if case .status(let s) = $0 { s } else { nil } }
-        #expect(statuses == [.setup, .active, .device, .postcopyActive, .completed])
+        #expect(statuses == [.setup, .active, .device, .postcopyDevice, .postcopyActive, .completed])
         #expect(pair.source.queryMigrate().postcopyRequests > 0, "the guest never faulted on a missing page")
         #expect(pair.source.runState == .postmigrate)
         pair.expectDestinationRunsCorrectly()

@@ -93,6 +93,8 @@ static inline uint64_t ferry_atomic_exchange64(uint64_t *p, uint64_t v) { return
 static inline void ferry_atomic_store8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 
 int ferry_set_thread_name(const char *name);
+/// The calling thread's kernel thread id (what userfaultfd reports as the faulting thread).
+int ferry_gettid(void);
 int ferry_eventfd(unsigned int initial);
 
 // True when every byte of the 4 KiB page is zero (vectorised by the compiler).
