@@ -42,7 +42,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "FerryTests", dependencies: [
-            "FerryQMP", "FerryMigration", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry",
+            "FerryHarness", "FerryQMP", "FerryMigration", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry",
         ]),
     ],
     swiftLanguageModes: [.v6]

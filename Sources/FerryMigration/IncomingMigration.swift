@@ -410,7 +410,7 @@ extension IncomingMigration {
                 lock.withLock { recoveryListener }?.close()
                 return
             } catch {
-                (decoder, ch) = pauseAndWaitForRecovery(after: error)
+                (decoder, ch) = pauseAndWaitForRecovery(after: error, decoder: decoder)
             }
         }
     }
@@ -489,7 +489,7 @@ extension IncomingMigration {
     /// postcopy-paused: the guest keeps running (blocking only on pages it lacks), faults
     /// are recorded, nothing received is dropped. Waits for the source's recovery channel
     /// on the `migrate-recover` address, or (auto-recover) on the original one.
-    private func pauseAndWaitForRecovery(after error: any Error) -> (StreamDecoder, MigrationChannel) {
+    private func pauseAndWaitForRecovery(after error: any Error, decoder old: StreamDecoder) -> (StreamDecoder, MigrationChannel) {
         closeChannels()
         lock.withLock {
             pauseRequested = false
@@ -513,7 +513,7 @@ extension IncomingMigration {
             }
             setStatus(.postcopyRecover)
             // The recovery channel carries no header: it starts with RECV_BITMAP.
-            return (StreamDecoder(source: ch, layout: layout), ch)
+            return (old.continuing(on: ch), ch)
         }
     }
 

@@ -586,11 +586,11 @@ final class OutgoingMigration: @unchecked Sendable {
         var backoff: UInt64 = 50_000_000
         var nextAttempt = pausedAt + backoff
         while true {
+            let deadline = pausedAt + parameters.autoRecoverTimeout * 1_000_000
             let target: MigrationURI = lock.withLock {
                 while true {
                     if let u = resumeURI { resumeURI = nil; return u }
                     let now = Sys.monotonicNanos()
-                    let deadline = pausedAt + parameters.autoRecoverTimeout * 1_000_000
                     if auto && now < deadline {
                         if now >= nextAttempt { resumeRequestedAt = now; return recoveryURI }
                         lock.wait(timeoutNanos: nextAttempt - now)

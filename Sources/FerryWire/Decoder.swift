@@ -64,6 +64,14 @@ public final class StreamDecoder {
         self.layout = layout
     }
 
+    /// A decoder for a new channel of the same migration (postcopy recovery): it knows the
+    /// sections already started, and the next RAM record must name its block.
+    public func continuing(on newSource: any ByteSource) -> StreamDecoder {
+        let d = StreamDecoder(source: newSource, layout: layout)
+        d.sections = sections
+        return d
+    }
+
     /// Forget CONTINUE state, e.g. when a new channel starts.
     public func resetBlockContext() { lastBlock = nil }
 

@@ -1,0 +1,210 @@
+import FerrySys
+import Glibc
+
+/// A TCP proxy between a migration source and destination that injects link failures:
+/// reset (RST), blackhole (bytes silently dropped, no RST: a partition), stall (nothing
+/// read, nothing forwarded), corrupt (flip bytes). Failures fire on command or when a byte
+/// pattern (a command or return-path message) passes in a chosen direction.
+public final class FaultProxy: @unchecked Sendable {
+    public enum Mode: Sendable, Equatable { case pass, blackhole, stall }
+    public enum Action: Sendable { case reset, blackhole, stall, corrupt }
+    public enum Direction: Sendable { case toDestination, toSource }
+
+    public let port: UInt16
+    private let upstreamPort: UInt16
+    private let listenFd: Int32
+    private let lock = Monitor()
+    private var mode: Mode = .pass
+    private var connections: [Link] = []
+    private var triggers: [(Direction, [UInt8], Action)] = []
+    private var acceptThread: KernelThread?
+    private var closed = false
+    /// Connections accepted so far and failures injected (by action).
+    public private(set) var accepted = 0
+    public private(set) var fired: [String] = []
+
+    final class Link: @unchecked Sendable {
+        let a: Int32, b: Int32 // a: client (source) side, b: upstream (destination) side
+        var dead = false
+        var threads: [KernelThread] = []
+        var corruptNext = [false, false]
+        init(_ a: Int32, _ b: Int32) { self.a = a; self.b = b }
+    }
+
+    /// Listens on 127.0.0.1:`port` (0 = any free port) and forwards to 127.0.0.1:`upstream`.
+    public init(upstream: UInt16, port: UInt16 = 0) throws {
+        upstreamPort = upstream
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = port.bigEndian
+        sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard r == 0, listen(fd, 8) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw SysError(errno: e, call: "bind/listen proxy")
+        }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        self.port = UInt16(bigEndian: sa.sin_port)
+        listenFd = fd
+        acceptThread = try KernelThread(name: "proxy/accept") { [self] in acceptLoop() }
+    }
+
+    deinit { close() }
+
+    public var uri: String { "tcp:127.0.0.1:\(port)" }
+
+    /// What happens to bytes from now on (for new connections too).
+    public func set(_ m: Mode) { lock.withLock { mode = m } }
+
+    /// Resets every open connection (RST to both peers).
+    public func reset() {
+        let links = lock.withLock { defer { connections.removeAll() }; fired.append("reset"); return connections }
+        for l in links { kill(l) }
+    }
+
+    /// Arms a one-shot failure for when `pattern` next passes in `direction`; the bytes that
+    /// contain it are not forwarded (except for `.corrupt`, which flips a byte of them).
+    public func on(_ direction: Direction, pattern: [UInt8], _ action: Action) {
+        lock.withLock { triggers.append((direction, pattern, action)) }
+    }
+
+    public var openConnections: Int { lock.withLock { connections.count } }
+
+    public func close() {
+        let links: [Link] = lock.withLock {
+            guard !closed else { return [] }
+            closed = true
+            _ = Glibc.shutdown(listenFd, Int32(SHUT_RDWR))
+            defer { connections.removeAll() }
+            return connections
+        }
+        for l in links { kill(l) }
+        acceptThread?.join()
+        acceptThread = nil
+        Glibc.close(listenFd)
+    }
+
+    private func acceptLoop() {
+        while true {
+            let c = accept(listenFd, nil, nil)
+            if c < 0 { if errno == EINTR { continue }; return }
+            if lock.withLock({ closed }) { Glibc.close(c); return }
+            let u = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = upstreamPort.bigEndian
+            sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+            let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(u, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            if r != 0 { Glibc.close(u); rst(c); continue }
+            var one: Int32 = 1
+            setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
+            setsockopt(u, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
+            let link = Link(c, u)
+            lock.withLock { connections.append(link); accepted += 1 }
+            let t1 = try? KernelThread(name: "proxy/down") { [self] in pump(link, from: c, to: u, .toDestination) }
+            let t2 = try? KernelThread(name: "proxy/up") { [self] in pump(link, from: u, to: c, .toSource) }
+            lock.withLock { link.threads = [t1, t2].compactMap { $0 } }
+        }
+    }
+
+    private func pump(_ link: Link, from: Int32, to: Int32, _ dir: Direction) {
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 64 << 10, alignment: 16)
+        defer { buf.deallocate() }
+        var tail: [UInt8] = [] // last bytes of the previous chunk, so patterns may straddle reads
+        while true {
+            if lock.withLock({ link.dead }) { return }
+            if lock.withLock({ mode == .stall }) { usleep(5_000); continue }
+            var p = pollfd(fd: from, events: Int16(POLLIN), revents: 0)
+            let pr = poll(&p, 1, 10)
+            if pr == 0 { continue }
+            if pr < 0 { if errno == EINTR { continue }; break }
+            let n = read(from, buf, 64 << 10)
+            if n <= 0 { break }
+            let chunk = [UInt8](UnsafeRawBufferPointer(start: buf, count: n))
+            let hay = tail + chunk
+            tail = Array(hay.suffix(32))
+            var action: Action?
+            lock.withLock {
+                if let i = triggers.firstIndex(where: { $0.0 == dir && contains(hay, $0.1) }) {
+                    action = triggers[i].2
+                    triggers.remove(at: i)
+                    fired.append("\(action!) \(dir)")
+                }
+            }
+            switch action {
+            case .reset?:
+                lock.withLock { connections.removeAll { $0 === link } }
+                kill(link, fromPump: true)
+                return
+            case .blackhole?: set(.blackhole); continue
+            case .stall?: set(.stall); continue
+            case .corrupt?:
+                var bad = chunk
+                bad[bad.count / 2] ^= 0xff
+                _ = bad.withUnsafeBytes { writeAll(to, $0) }
+                continue
+            case nil: break
+            }
+            if lock.withLock({ mode == .blackhole }) { continue }
+            if !chunk.withUnsafeBytes({ writeAll(to, $0) }) { break }
+        }
+        // One side closed or failed: pass the close on (FIN), as a router would.
+        if !lock.withLock({ link.dead }) {
+            _ = Glibc.shutdown(to, Int32(SHUT_WR))
+        }
+    }
+
+    private func contains(_ hay: [UInt8], _ needle: [UInt8]) -> Bool {
+        guard !needle.isEmpty, hay.count >= needle.count else { return false }
+        for i in 0...(hay.count - needle.count) where hay[i] == needle[0] {
+            if Array(hay[i..<i + needle.count]) == needle { return true }
+        }
+        return false
+    }
+
+    private func writeAll(_ fd: Int32, _ b: UnsafeRawBufferPointer) -> Bool {
+        var off = 0
+        while off < b.count {
+            let w = write(fd, b.baseAddress! + off, b.count - off)
+            if w < 0 { if errno == EINTR { continue }; return false }
+            off += w
+        }
+        return true
+    }
+
+    /// RST: linger 0, then close.
+    private func rst(_ fd: Int32) {
+        var l = linger(l_onoff: 1, l_linger: 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+        Glibc.close(fd)
+    }
+
+    private func kill(_ link: Link, fromPump: Bool = false) {
+        let threads: [KernelThread] = lock.withLock {
+            if link.dead { return [] }
+            link.dead = true
+            return link.threads
+        }
+        if !fromPump { for t in threads { t.join() } }
+        else {
+            // Called on one pump: the other notices `dead` within its 10 ms poll; close
+            // after it is gone so no fd number is reused under it.
+            let other = threads
+            let a = link.a, b = link.b
+            _ = try? KernelThread(name: "proxy/reset") { [self] in
+                for t in other where !pthread_equal(t.handle, pthread_self()).isTrue { t.join() }
+                rst(a); rst(b)
+            }
+            return
+        }
+        rst(link.a)
+        rst(link.b)
+    }
+}
+
+private extension Int32 { var isTrue: Bool { self != 0 } }
