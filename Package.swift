@@ -32,7 +32,7 @@ let package = Package(
         .target(name: "FerryWire", dependencies: []),
         .target(name: "FerryMigration", dependencies: ["FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
         .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryMachine", "FerrySys", "CFerry"]),
-        .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys"]),
+        .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys", "CFerry"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryHarness", "FerryQMP", "FerryMigration", "FerryMachine", "FerryMemory", "FerrySys",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -208,3 +208,6 @@ int ferry_eventfd(unsigned int initial) {
 }
 
 int ferry_gettid(void) { return (int)syscall(SYS_gettid); }
+
+#include <sched.h>
+int ferry_setns_net(int fd) { return setns(fd, CLONE_NEWNET) == 0 ? 0 : -errno; }

@@ -13,10 +13,17 @@ public final class FerryProcess: @unchecked Sendable {
     public let serialPath: String
     public let qmp: QMPClient
 
-    public init(executable: String, directory: String, name: String, arguments: [String]) throws {
+    /// `namespace`: run inside that network namespace (`ip netns exec`).
+    public init(executable: String, directory: String, name: String, arguments: [String], namespace: String? = nil) throws {
         qmpPath = "\(directory)/\(name).qmp"
         serialPath = "\(directory)/\(name)-serial.log"
-        pid = try spawn(executable, ["run", "--qmp", qmpPath, "--serial", serialPath] + arguments)
+        unlink(qmpPath)
+        let args = ["run", "--qmp", qmpPath, "--serial", serialPath] + arguments
+        if let namespace {
+            pid = try spawn("/usr/sbin/ip", ["netns", "exec", namespace, executable] + args)
+        } else {
+            pid = try spawn(executable, args)
+        }
         qmp = try QMPClient(path: qmpPath)
         try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
     }

@@ -18,7 +18,17 @@ struct FerryBench: ParsableCommand {
     @Option(help: "Only scenarios whose name contains this.")
     var filter: String?
 
+    @Option(help: "Suites to run: precopy, postcopy, recovery (comma-separated).")
+    var suites = "precopy,postcopy,recovery"
+
     func run() throws {
+        let wanted = Set(suites.split(separator: ",").map(String.init))
+        if wanted.contains("precopy") { try runPrecopySuite() }
+        if wanted.contains("postcopy") { try runPostcopySuite(postcopyScenarios(), file: "postcopy") }
+        if wanted.contains("recovery") { try runPostcopySuite(recoveryScenarios(), file: "recovery") }
+    }
+
+    func runPrecopySuite() throws {
         mkdir(output, 0o755)
         let work = "/tmp/ferry-bench-\(getpid())"
         mkdir(work, 0o700)
@@ -34,6 +44,7 @@ struct FerryBench: ParsableCommand {
         s.timeoutSeconds = 20
         scenarios.append(s)
         if let filter { scenarios = scenarios.filter { $0.name.contains(filter) } }
+        if scenarios.isEmpty { return }
 
         var runs: [MigrationRun] = []
         for sc in scenarios {
@@ -57,5 +68,112 @@ struct FerryBench: ParsableCommand {
         try md.write(toFile: "\(output)/precopy.md", atomically: true, encoding: .utf8)
         print(md)
         print("wrote \(output)/precopy.json and \(output)/precopy.md")
+    }
+}
+
+extension FerryBench {
+    func postcopyScenarios() -> [PostcopyScenario] {
+        var list: [PostcopyScenario] = []
+        for netns in [false, true] {
+            for preempt in [false, true] {
+                var s = PostcopyScenario(name: "postcopy-512MiB-1Gbit-\(netns ? "veth" : "loopback")\(preempt ? "-preempt" : "")", memory: 512 << 20)
+                s.preempt = preempt
+                s.netns = netns
+                if netns { s.tcRate = "1gbit" }
+                list.append(s)
+            }
+        }
+        var auto = PostcopyScenario(name: "postcopy-auto-switch-512MiB-1Gbit-loopback", memory: 512 << 20)
+        auto.postcopyAfterMs = nil
+        auto.autoSwitchPasses = 1
+        list.append(auto)
+        return list
+    }
+
+    func recoveryScenarios() -> [PostcopyScenario] {
+        var list: [PostcopyScenario] = []
+        for memory in [512 << 20, 4 << 30] {
+            let size = memory >= 1 << 30 ? "\(memory >> 30)GiB" : "\(memory >> 20)MiB"
+            for failure in [PostcopyScenario.Failure.reset, .blackhole, .linkDown] {
+                var s = PostcopyScenario(name: "recovery-\(failure.rawValue)-\(size)-1Gbit", memory: memory)
+                s.failure = failure
+                s.netns = failure == .linkDown
+                s.preempt = true
+                s.postcopyAfterMs = 500
+                s.failureAfterMs = 300
+                s.outageMs = 1000
+                list.append(s)
+            }
+        }
+        return list
+    }
+
+    func runPostcopySuite(_ all: [PostcopyScenario], file: String) throws {
+        var scenarios = all
+        if let filter { scenarios = scenarios.filter { $0.name.contains(filter) } }
+        if scenarios.isEmpty { return }
+        mkdir(output, 0o755)
+        let work = "/tmp/ferry-bench-\(getpid())"
+        mkdir(work, 0o700)
+        var runs: [PostcopyRun] = []
+        for sc in scenarios {
+            let reps = sc.memory >= 1 << 30 ? 1 : repetitions
+            for i in 1...reps {
+                let r = try runPostcopy(sc, directory: "\(work)/\(sc.name)-\(i)")
+                print("\(sc.name) #\(i): \(summary(r))")
+                runs.append(r)
+            }
+        }
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(runs).write(to: URL(fileURLWithPath: "\(output)/\(file).json"))
+        let md = file == "postcopy" ? postcopyTable(scenarios, runs) : recoveryTable(scenarios, runs)
+        try md.write(toFile: "\(output)/\(file).md", atomically: true, encoding: .utf8)
+        print(md)
+        print("wrote \(output)/\(file).json and \(output)/\(file).md")
+    }
+
+    func summary(_ r: PostcopyRun) -> String {
+        var parts = ["\(r.status) total \(r.totalTimeMs) ms"]
+        if let x = r.totalOverWireLimit { parts.append(String(format: "%.2f× wire limit", x)) }
+        if let d = r.downtimeMs { parts.append("downtime \(d) ms") }
+        if let b = r.blocktimeMs { parts.append("blocktime \(b) ms") }
+        if let p = r.latencyP50Us, let q = r.latencyP99Us { parts.append(String(format: "fault p50 %.0f µs p99 %.0f µs", p, q)) }
+        if let f = r.faultFloorUs { parts.append(String(format: "floor %.0f µs", f)) }
+        if r.pauses > 0 {
+            parts.append("paused \(r.pauses)×, detected src \(fmt(r.sourceDetectionMs)) ms dst \(fmt(r.destinationDetectionMs)) ms, resume→active \(fmt(r.resumeToActiveMs)) ms, bitmap \(r.bitmapBytes ?? 0) B, re-sent \(r.pagesResent ?? 0) pages")
+        }
+        parts.append("memory check \(r.memoryCheckPassed.map { $0 ? "passed" : "FAILED" } ?? "n/a")")
+        if let e = r.error { parts.append("error: \(e)") }
+        return parts.joined(separator: ", ")
+    }
+
+    func fmt(_ v: Double?) -> String { v.map { String(format: "%.1f", $0) } ?? "-" }
+
+    func median(_ v: [Double]) -> Double? { v.isEmpty ? nil : v.sorted()[v.count / 2] }
+    func range(_ v: [Double], _ digits: Int = 0) -> String {
+        guard let m = median(v) else { return "-" }
+        let f = "%.\(digits)f"
+        return v.count == 1 ? String(format: f, m) : String(format: "\(f) (\(f)-\(f))", m, v.min()!, v.max()!)
+    }
+
+    func postcopyTable(_ scenarios: [PostcopyScenario], _ runs: [PostcopyRun]) -> String {
+        var md = "| scenario | link | status | total ms (median, min-max) | × wire limit | downtime ms | vCPU blocktime ms | faults | fault p50 µs | fault p99 µs | RTT+page µs | p50 / floor | p99 / floor | memory check |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        for sc in scenarios {
+            let rs = runs.filter { $0.scenario == sc.name }
+            guard let r0 = rs.first else { continue }
+            md += "| \(sc.name) | \(r0.link) | \(Set(rs.map(\.status)).sorted().joined(separator: "/"))\(r0.autoSwitched ? " (auto-switched)" : "") | \(range(rs.map { Double($0.totalTimeMs) })) | \(range(rs.compactMap(\.totalOverWireLimit), 2)) | \(range(rs.compactMap { $0.downtimeMs.map { Double($0) } })) | \(range(rs.compactMap { $0.blocktimeMs.map { Double($0) } })) | \(range(rs.compactMap { $0.faults.map { Double($0) } })) | \(range(rs.compactMap(\.latencyP50Us))) | \(range(rs.compactMap(\.latencyP99Us))) | \(range(rs.compactMap(\.faultFloorUs))) | \(range(rs.compactMap(\.p50OverFloor), 1)) | \(range(rs.compactMap(\.p99OverFloor), 1)) | \(rs.filter { $0.memoryCheckPassed == true }.count)/\(rs.count) passed |\n"
+        }
+        return md
+    }
+
+    func recoveryTable(_ scenarios: [PostcopyScenario], _ runs: [PostcopyRun]) -> String {
+        var md = "| scenario | link | status | detection ms, source | detection ms, destination | resume → active ms | outage ms (detected → active) | bitmap bytes | pages re-sent | total ms | memory check |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        for sc in scenarios {
+            let rs = runs.filter { $0.scenario == sc.name }
+            guard let r0 = rs.first else { continue }
+            md += "| \(sc.name) | \(r0.link) | \(Set(rs.map(\.status)).sorted().joined(separator: "/")) | \(range(rs.compactMap(\.sourceDetectionMs))) | \(range(rs.compactMap(\.destinationDetectionMs))) | \(range(rs.compactMap(\.resumeToActiveMs), 2)) | \(range(rs.compactMap(\.outageMs))) | \(range(rs.compactMap { $0.bitmapBytes.map { Double($0) } })) | \(range(rs.compactMap { $0.pagesResent.map { Double($0) } })) | \(range(rs.map { Double($0.totalTimeMs) })) | \(rs.filter { $0.memoryCheckPassed == true }.count)/\(rs.count) passed |\n"
+        }
+        return md
     }
 }

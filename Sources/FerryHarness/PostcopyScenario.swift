@@ -1,0 +1,212 @@
+import FerrySys
+import Foundation
+import Glibc
+
+/// A postcopy migration between two `ferry run` processes, optionally with a link failure
+/// in the middle of postcopy, on loopback (through a `FaultProxy` when a failure needs one)
+/// or across two network namespaces.
+public struct PostcopyScenario: Sendable {
+    public enum Failure: String, Codable, Sendable { case reset, blackhole, linkDown = "link-down" }
+    public var name: String
+    public var memory: Int
+    /// max-bandwidth and max-postcopy-bandwidth, bytes/s (0 = unlimited).
+    public var bandwidth: UInt64 = 125_000_000
+    public var preempt = false
+    /// `migrate-start-postcopy` after this much precopy; nil = only the auto-switch.
+    public var postcopyAfterMs: Int? = 1000
+    public var autoSwitchPasses: UInt64 = 0
+    public var failure: Failure?
+    /// When the failure strikes, counted from postcopy-active.
+    public var failureAfterMs = 500
+    /// How long a blackhole or link-down lasts at least.
+    public var outageMs = 1000
+    public var autoRecover = true
+    public var netns = false
+    /// `tc tbf` rate on the veth pair (netns only), e.g. "1gbit".
+    public var tcRate: String?
+    public var heartbeatMs: UInt64 = 2000
+    public var timeoutSeconds: Double = 300
+    public init(name: String, memory: Int) { self.name = name; self.memory = memory }
+}
+
+public struct PostcopyRun: Codable, Sendable {
+    public var scenario: String
+    public var memoryBytes: Int
+    public var bandwidth: UInt64
+    public var link: String
+    public var preempt: Bool
+    public var failure: String?
+    public var status: String
+    public var totalTimeMs: UInt64
+    /// RAM bytes / bandwidth.
+    public var wireLimitMs: Double?
+    public var totalOverWireLimit: Double?
+    public var downtimeMs: UInt64?
+    public var autoSwitched: Bool
+    public var requests: UInt64
+    public var blocktimeMs: UInt64?
+    public var faults: Int?
+    public var latencyP50Us: Double?
+    public var latencyP99Us: Double?
+    public var latencyMaxUs: Double?
+    public var latencyMeanUs: Double?
+    public var latencyDistribution: [UInt64]?
+    public var roundTripUs: Double?
+    /// Round trip + one page's wire time at the bandwidth: the physical floor of a fault.
+    public var faultFloorUs: Double?
+    public var p50OverFloor: Double?
+    public var p99OverFloor: Double?
+    public var pauses: UInt64 = 0
+    public var sourceDetectionMs: Double?
+    public var destinationDetectionMs: Double?
+    /// Resume (the attempt that succeeded) → postcopy-active, measured by the source.
+    public var resumeToActiveMs: Double?
+    /// Failure detected → postcopy-active again.
+    public var outageMs: Double?
+    public var timePausedMs: UInt64?
+    public var bitmapBytes: UInt64?
+    public var pagesResent: UInt64?
+    public var memoryCheckPassed: Bool?
+    public var error: String?
+}
+
+public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: String = ferryExecutable(),
+                        progress: (_ source: [String: Any], _ note: String?) -> Void = { _, _ in }) throws -> PostcopyRun {
+    mkdir(directory, 0o700)
+    let link = sc.netns ? try VethLink(rate: sc.tcRate) : nil
+    defer { link?.teardown() }
+    let mem = ["--memory", String(sc.memory)]
+    let src = try FerryProcess(executable: executable, directory: directory, name: "src", arguments: mem, namespace: link?.sourceNamespace)
+    defer { src.terminate() }
+    let dst = try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: mem + ["--incoming", "defer"],
+                               namespace: link?.destinationNamespace)
+    defer { dst.terminate() }
+    src.waitForSerial(3, seconds: 120)
+
+    var caps = ["postcopy-ram", "postcopy-blocktime"]
+    if sc.preempt { caps.append("postcopy-preempt") }
+    if sc.autoRecover { caps.append("auto-recover") }
+    for p in [src, dst] {
+        try p.qmp.execute("migrate-set-capabilities", ["capabilities": caps.map { ["capability": $0, "state": true] }])
+        try p.qmp.execute("migrate-set-parameters", ["heartbeat-timeout": sc.heartbeatMs])
+    }
+    try src.qmp.execute("migrate-set-parameters", ["max-bandwidth": sc.bandwidth, "max-postcopy-bandwidth": sc.bandwidth,
+                                                   "downtime-limit": 300, "postcopy-auto-switch-passes": sc.autoSwitchPasses])
+    let incoming = link.map { "tcp:\($0.destinationAddress):4444" } ?? "tcp:127.0.0.1:0"
+    try dst.qmp.execute("migrate-incoming", ["uri": incoming])
+    var target = incoming
+    if let q = try dst.qmp.execute("query-migrate") as? [String: Any],
+       let addr = (q["socket-address"] as? [[String: Any]])?.first, addr["type"] as? String == "inet" {
+        target = "tcp:\(addr["host"]!):\(addr["port"]!)"
+    }
+    let rtt = try? measureRoundTrip(host: link?.destinationAddress ?? "127.0.0.1", namespace: link?.sourceNamespace)
+    var proxy: FaultProxy?
+    if let f = sc.failure, f != .linkDown, link == nil, case let .tcp(_, port) = try parseTCP(target) {
+        proxy = try FaultProxy(upstream: port)
+        target = proxy!.uri
+    }
+    defer { proxy?.close() }
+
+    try src.qmp.execute("migrate", ["uri": target])
+    let start = Sys.monotonicNanos()
+    func ms(_ t: UInt64) -> Double { Double(t - start) / 1e6 }
+    var info: [String: Any] = [:]
+    var started = false
+    var activeAt: UInt64?
+    var injectedAt: UInt64?
+    var srcDetect: Double?, dstDetect: Double?
+    var healed = false
+    while true {
+        info = try src.qmp.execute("query-migrate") as? [String: Any] ?? [:]
+        let status = info["status"] as? String ?? ""
+        progress(info, nil)
+        if ["completed", "failed", "cancelled"].contains(status) { break }
+        let now = Sys.monotonicNanos()
+        if Double(now - start) / 1e9 > sc.timeoutSeconds { throw HarnessError("\(sc.name): still \(status) after \(Int(sc.timeoutSeconds)) s") }
+        if !started, let after = sc.postcopyAfterMs, ms(now) >= Double(after), status == "active" {
+            try src.qmp.execute("migrate-start-postcopy")
+            started = true
+            progress(info, "migrate-start-postcopy")
+        }
+        if activeAt == nil && status == "postcopy-active" { activeAt = now }
+        if let f = sc.failure, injectedAt == nil, let a = activeAt, now - a >= UInt64(sc.failureAfterMs) * 1_000_000 {
+            switch f {
+            case .reset: proxy?.reset()
+            case .blackhole: proxy?.set(.blackhole)
+            case .linkDown: try link?.down()
+            }
+            injectedAt = Sys.monotonicNanos()
+            progress(info, "link failure injected: \(f.rawValue)")
+        }
+        if let t = injectedAt, !healed {
+            if srcDetect == nil && status == "postcopy-paused" { srcDetect = Double(Sys.monotonicNanos() - t) / 1e6; progress(info, "source paused") }
+            if dstDetect == nil, (try dst.qmp.execute("query-migrate") as? [String: Any])?["status"] as? String == "postcopy-paused" {
+                dstDetect = Double(Sys.monotonicNanos() - t) / 1e6
+                progress(info, "destination paused")
+            }
+            let outageOver = Sys.monotonicNanos() - t >= UInt64(sc.outageMs) * 1_000_000
+            if srcDetect != nil && dstDetect != nil && (outageOver || sc.failure == .reset) {
+                switch sc.failure! {
+                case .reset: break
+                case .blackhole: proxy?.set(.pass)
+                case .linkDown: try link?.up()
+                }
+                if !sc.autoRecover {
+                    try dst.qmp.execute("migrate-recover", ["uri": incoming.hasSuffix(":0") ? target : incoming])
+                    try src.qmp.execute("migrate", ["uri": target, "resume": true])
+                }
+                healed = true
+                progress(info, sc.autoRecover ? "link back; automatic recovery" : "link back; migrate-recover + migrate resume=true")
+            }
+        }
+        usleep(5_000)
+    }
+    let dinfo = try dst.qmp.execute("query-migrate") as? [String: Any] ?? [:]
+    let ram = info["ram"] as? [String: Any] ?? [:]
+    let total = qmpNumber(info["total-time"])
+    let wire = sc.bandwidth > 0 ? Double(sc.memory) / Double(sc.bandwidth) * 1000 : nil
+    var run = PostcopyRun(scenario: sc.name, memoryBytes: sc.memory, bandwidth: sc.bandwidth, link: sc.netns ? "veth" + (sc.tcRate.map { " tbf \($0)" } ?? "") : "loopback",
+                          preempt: sc.preempt, failure: sc.failure?.rawValue, status: info["status"] as? String ?? "?",
+                          totalTimeMs: total, wireLimitMs: wire, totalOverWireLimit: wire.map { Double(total) / $0 },
+                          downtimeMs: info["downtime"].map { qmpNumber($0) }, autoSwitched: (ram["x-auto-postcopy"] as? Bool) ?? false,
+                          requests: qmpNumber(ram["postcopy-requests"]), error: info["error-desc"] as? String)
+    if let lat = dinfo["x-postcopy-fault-latency"] as? [String: Any] {
+        run.blocktimeMs = qmpNumber(dinfo["postcopy-blocktime"])
+        run.faults = Int(qmpNumber(lat["faults"]))
+        run.latencyP50Us = (lat["p50-us"] as? NSNumber)?.doubleValue
+        run.latencyP99Us = (lat["p99-us"] as? NSNumber)?.doubleValue
+        run.latencyMaxUs = (lat["max-us"] as? NSNumber)?.doubleValue
+        run.latencyMeanUs = Double(qmpNumber(dinfo["postcopy-latency"])) / 1000
+        run.latencyDistribution = (dinfo["postcopy-latency-dist"] as? [Any])?.map { qmpNumber($0) }
+    }
+    if let rtt {
+        run.roundTripUs = rtt
+        let pageUs = sc.bandwidth > 0 ? 4096.0 * 1e6 / Double(sc.bandwidth) : 0
+        run.faultFloorUs = rtt + pageUs
+        if let p = run.latencyP50Us { run.p50OverFloor = p / (rtt + pageUs) }
+        if let p = run.latencyP99Us { run.p99OverFloor = p / (rtt + pageUs) }
+    }
+    if let r = info["x-postcopy-recovery"] as? [String: Any] {
+        run.pauses = qmpNumber(r["pauses"])
+        run.resumeToActiveMs = (r["last-recovery-ms"] as? NSNumber)?.doubleValue
+        run.outageMs = (r["last-outage-ms"] as? NSNumber)?.doubleValue
+        run.timePausedMs = qmpNumber(r["paused-ms"])
+        run.bitmapBytes = qmpNumber(r["bitmap-bytes"])
+        run.pagesResent = qmpNumber(r["pages-resent"])
+    }
+    run.sourceDetectionMs = srcDetect
+    run.destinationDetectionMs = dstDetect
+    if run.status == "completed" {
+        let before = dst.serialBytes
+        dst.waitForSerial(before + 2, seconds: 60)
+        run.memoryCheckPassed = try dst.checkMemory(size: sc.memory, scratch: "\(directory)/dst-ram.bin").passed
+    }
+    return run
+}
+
+private enum ParsedTCP { case tcp(String, UInt16), other }
+private func parseTCP(_ uri: String) throws -> ParsedTCP {
+    let parts = uri.split(separator: ":")
+    guard parts.count == 3, parts[0] == "tcp", let port = UInt16(parts[2]) else { return .other }
+    return .tcp(String(parts[1]), port)
+}
