@@ -24,7 +24,7 @@ public struct PostcopyScenario: Sendable {
     public var netns = false
     /// `tc tbf` rate on the veth pair (netns only), e.g. "1gbit".
     public var tcRate: String?
-    public var heartbeatMs: UInt64 = 2000
+    public var heartbeatMs: UInt64 = 1500
     public var timeoutSeconds: Double = 300
     public init(name: String, memory: Int) { self.name = name; self.memory = memory }
 }

@@ -69,7 +69,7 @@ public struct MigrationParameters: Sendable, Equatable {
     public var maxPostcopyBandwidth: UInt64 = 0
     /// Ferry: milliseconds without a byte from the peer (heartbeats flow every 250 ms on
     /// socket migrations) before the link counts as down. 0 = rely on TCP alone.
-    public var heartbeatTimeout: UInt64 = 2000
+    public var heartbeatTimeout: UInt64 = 1500
     /// Ferry: with `auto-recover`, how long the source keeps trying to reconnect after a pause.
     public var autoRecoverTimeout: UInt64 = 600_000
     /// Ferry: with `postcopy-ram`, switch to postcopy by itself after this many dirty-sync

@@ -583,8 +583,9 @@ final class OutgoingMigration: @unchecked Sendable {
         lock.withLock { channel = nil }
         setStatus(.postcopyPaused)
         let auto = capabilities.contains(.autoRecover)
+        // First attempt almost at once (a reset link is often back already), then backoff.
         var backoff: UInt64 = 50_000_000
-        var nextAttempt = pausedAt + backoff
+        var nextAttempt = pausedAt + 10_000_000
         while true {
             let deadline = pausedAt + parameters.autoRecoverTimeout * 1_000_000
             let target: MigrationURI = lock.withLock {
