@@ -36,7 +36,11 @@ func printSummary(_ info: [String: Any]) {
     print("total time:    \(num(info["total-time"])) ms")
     print("setup time:    \(num(info["setup-time"])) ms")
     if let d = info["downtime"] { print("downtime:      \(num(d)) ms") }
+    if let r = info["x-postcopy-recovery"] as? [String: Any] {
+        print("postcopy:      paused \(num(r["pauses"]))×, recovered \(num(r["recoveries"]))× (\(num(r["attempts"])) attempts), \(num(r["paused-ms"])) ms paused, last resume → active \(String(format: "%.2f", (r["last-recovery-ms"] as? NSNumber)?.doubleValue ?? 0)) ms, bitmap \(num(r["bitmap-bytes"])) B, \(num(r["pages-resent"])) pages re-sent")
+    }
     if !ram.isEmpty {
+        if num(ram["postcopy-requests"]) > 0 { print("page requests: \(num(ram["postcopy-requests"]))\((ram["x-auto-postcopy"] as? Bool) == true ? " (switched to postcopy by itself)" : "")") }
         print("transferred:   \(mib(ram["transferred"])) in \(num(ram["dirty-sync-count"])) passes (\(num(ram["normal"])) pages, \(num(ram["duplicate"])) zero pages)")
     }
 }
@@ -56,6 +60,18 @@ struct Migrate: ParsableCommand {
     @Option(help: "Downtime limit in ms.")
     var downtimeLimit: UInt64?
 
+    @Flag(help: "Enable postcopy (capability postcopy-ram; the destination needs it too).")
+    var postcopy = false
+
+    @Option(help: "With --postcopy: migrate-start-postcopy after this many ms of precopy.")
+    var postcopyAfter: Int?
+
+    @Option(help: "With --postcopy: switch by itself after N passes that do not shrink the rest.")
+    var autoSwitchPasses: UInt64?
+
+    @Flag(help: "Resume a paused postcopy migration on a new connection (migrate resume=true).")
+    var resume = false
+
     func run() throws {
         do {
             let c = try QMPClient(path: qmp)
@@ -63,7 +79,15 @@ struct Migrate: ParsableCommand {
             if let maxBandwidth { params["max-bandwidth"] = maxBandwidth }
             if let downtimeLimit { params["downtime-limit"] = downtimeLimit }
             if !params.isEmpty { try c.execute("migrate-set-parameters", params) }
-            try c.execute("migrate", ["uri": uri])
+            if postcopy {
+                try c.execute("migrate-set-capabilities", ["capabilities": [["capability": "postcopy-ram", "state": true]]])
+                if let autoSwitchPasses { try c.execute("migrate-set-parameters", ["postcopy-auto-switch-passes": autoSwitchPasses]) }
+            }
+            try c.execute("migrate", resume ? ["uri": uri, "resume": true] : ["uri": uri])
+            if let after = postcopyAfter {
+                usleep(UInt32(after) * 1000)
+                try c.execute("migrate-start-postcopy")
+            }
             let info = try followMigration(c)
             printSummary(info)
             if info["status"] as? String != "completed" { throw ExitCode(1) }
