@@ -1,3 +1,4 @@
+import CFerry
 import FerrySys
 import Glibc
 
@@ -31,32 +32,56 @@ public final class FaultProxy: @unchecked Sendable {
         init(_ a: Int32, _ b: Int32) { self.a = a; self.b = b }
     }
 
-    /// Listens on 127.0.0.1:`port` (0 = any free port) and forwards to 127.0.0.1:`upstream`.
-    public init(upstream: UInt16, port: UInt16 = 0) throws {
+    /// One-way delay added to every byte (a user-space stand-in for netem, which this
+    /// kernel lacks): chunks are released to the far side `delayNanos` after they arrived.
+    public let delayNanos: UInt64
+    private let namespace: String?
+    private let listenHost: String
+
+    /// Listens on `host`:`port` (0 = any free port) and forwards to 127.0.0.1:`upstream`; with
+    /// `namespace`, all of its sockets live in that network namespace.
+    public init(upstream: UInt16, port: UInt16 = 0, host: String = "127.0.0.1", delayNanos: UInt64 = 0, namespace: String? = nil) throws {
         upstreamPort = upstream
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = port.bigEndian
-        sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-        let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard r == 0, listen(fd, 8) == 0 else {
-            let e = errno
-            Glibc.close(fd)
-            throw SysError(errno: e, call: "bind/listen proxy")
+        self.delayNanos = delayNanos
+        self.namespace = namespace
+        self.listenHost = host
+        nonisolated(unsafe) var made: (Int32, UInt16, Int32) = (-1, 0, 0)
+        let t = try KernelThread(name: "proxy/setup") {
+            if let namespace, !FaultProxy.enter(namespace) { made = (-1, 0, EPERM); return }
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, 4)
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = port.bigEndian
+            inet_pton(AF_INET, host, &sa.sin_addr)
+            let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            guard r == 0, listen(fd, 8) == 0 else { made = (-1, 0, errno); Glibc.close(fd); return }
+            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+            made = (fd, UInt16(bigEndian: sa.sin_port), 0)
         }
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        self.port = UInt16(bigEndian: sa.sin_port)
-        listenFd = fd
-        acceptThread = try KernelThread(name: "proxy/accept") { [self] in acceptLoop() }
+        t.join()
+        guard made.0 >= 0 else { throw SysError(errno: made.2, call: "bind/listen proxy on \(host):\(port)") }
+        listenFd = made.0
+        self.port = made.1
+        acceptThread = try KernelThread(name: "proxy/accept") { [self] in
+            if let namespace { _ = FaultProxy.enter(namespace) }
+            acceptLoop()
+        }
+    }
+
+    /// Moves the calling thread into a named network namespace.
+    static func enter(_ namespace: String) -> Bool {
+        let nfd = open("/var/run/netns/\(namespace)", O_RDONLY | O_CLOEXEC)
+        guard nfd >= 0 else { return false }
+        defer { Glibc.close(nfd) }
+        return ferry_setns_net(nfd) == 0
     }
 
     deinit { close() }
 
-    public var uri: String { "tcp:127.0.0.1:\(port)" }
+    public var uri: String { "tcp:\(listenHost):\(port)" }
 
     /// What happens to bytes from now on (for new connections too).
     public func set(_ m: Mode) { lock.withLock { mode = m } }
@@ -116,6 +141,18 @@ public final class FaultProxy: @unchecked Sendable {
         let buf = UnsafeMutableRawPointer.allocate(byteCount: 64 << 10, alignment: 16)
         defer { buf.deallocate() }
         var tail: [UInt8] = [] // last bytes of the previous chunk, so patterns may straddle reads
+        let delayed = DelayLine()
+        if delayNanos > 0 {
+            _ = try? KernelThread(name: "proxy/delay") { [self] in
+                while let (chunk, due) = delayed.pop() {
+                    let now = Sys.monotonicNanos()
+                    if due > now { usleep(UInt32((due - now) / 1000)) }
+                    if lock.withLock({ link.dead }) { return }
+                    if !chunk.withUnsafeBytes({ writeAll(to, $0) }) { return }
+                }
+                if !lock.withLock({ link.dead }) { _ = Glibc.shutdown(to, Int32(SHUT_WR)) }
+            }
+        }
         while true {
             if lock.withLock({ link.dead }) { return }
             if lock.withLock({ mode == .stall }) { usleep(5_000); continue }
@@ -151,10 +188,15 @@ public final class FaultProxy: @unchecked Sendable {
             case nil: break
             }
             if lock.withLock({ mode == .blackhole }) { continue }
+            if delayNanos > 0 {
+                delayed.push(chunk, due: Sys.monotonicNanos() + delayNanos)
+                continue
+            }
             if !chunk.withUnsafeBytes({ writeAll(to, $0) }) { break }
         }
+        delayed.finish()
         // One side closed or failed: pass the close on (FIN), as a router would.
-        if !lock.withLock({ link.dead }) {
+        if delayNanos == 0 && !lock.withLock({ link.dead }) {
             _ = Glibc.shutdown(to, Int32(SHUT_WR))
         }
     }
@@ -208,3 +250,25 @@ public final class FaultProxy: @unchecked Sendable {
 }
 
 private extension Int32 { var isTrue: Bool { self != 0 } }
+
+/// A FIFO of chunks with release times, between a proxy pump and its delayed writer.
+final class DelayLine: @unchecked Sendable {
+    private let m = Monitor()
+    private var items: [([UInt8], UInt64)] = []
+    private var head = 0
+    private var done = false
+    func push(_ c: [UInt8], due: UInt64) { m.withLock { items.append((c, due)); m.broadcast() } }
+    func finish() { m.withLock { done = true; m.broadcast() } }
+    func pop() -> ([UInt8], UInt64)? {
+        m.withLock {
+            while head == items.count {
+                if done { return nil }
+                m.wait(timeoutNanos: 50_000_000)
+            }
+            let v = items[head]
+            head += 1
+            if head > 4096 { items.removeFirst(head); head = 0 }
+            return v
+        }
+    }
+}

@@ -78,13 +78,12 @@ public struct HarnessError: Error, CustomStringConvertible {
 
 /// Median TCP round trip to an echo server (`socat ... PIPE`), from inside `namespace` when
 /// given (the measuring thread joins it with setns), in microseconds.
-public func measureRoundTrip(host: String, namespace: String?, samples: Int = 200) throws -> Double {
-    let port = 7790
+public func measureRoundTrip(host: String, port: Int = 7790, namespace: String?, samples: Int = 200) throws -> Double {
     var server: [String] = []
     if let ns = namespace.map({ $0 == "ferry-src" ? "ferry-dst" : $0 }) { server = ["netns", "exec", ns] }
     let echo = Process()
     echo.executableURL = URL(fileURLWithPath: server.isEmpty ? "/usr/bin/socat" : "/usr/sbin/ip")
-    echo.arguments = server + (server.isEmpty ? [] : ["socat"]) + ["TCP-LISTEN:\(port),reuseaddr", "PIPE"]
+    echo.arguments = server + (server.isEmpty ? [] : ["socat"]) + ["TCP-LISTEN:7790,reuseaddr", "PIPE"]
     try echo.run()
     defer { echo.terminate(); echo.waitUntilExit() }
     usleep(300_000)

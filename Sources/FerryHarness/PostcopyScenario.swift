@@ -24,6 +24,9 @@ public struct PostcopyScenario: Sendable {
     public var netns = false
     /// `tc tbf` rate on the veth pair (netns only), e.g. "1gbit".
     public var tcRate: String?
+    /// One-way delay in each direction (netns only), added by a `FaultProxy` in the
+    /// destination's namespace (this kernel has no netem).
+    public var delayMs: Double?
     public var heartbeatMs: UInt64 = 1500
     public var timeoutSeconds: Double = 300
     public init(name: String, memory: Int) { self.name = name; self.memory = memory }
@@ -92,16 +95,27 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     }
     try src.qmp.execute("migrate-set-parameters", ["max-bandwidth": sc.bandwidth, "max-postcopy-bandwidth": sc.bandwidth,
                                                    "downtime-limit": 300, "postcopy-auto-switch-passes": sc.autoSwitchPasses])
-    let incoming = link.map { "tcp:\($0.destinationAddress):4444" } ?? "tcp:127.0.0.1:0"
+    let delayed = link != nil && (sc.delayMs ?? 0) > 0
+    let incoming = link.map { delayed ? "tcp:0.0.0.0:4444" : "tcp:\($0.destinationAddress):4444" } ?? "tcp:127.0.0.1:0"
     try dst.qmp.execute("migrate-incoming", ["uri": incoming])
     var target = incoming
     if let q = try dst.qmp.execute("query-migrate") as? [String: Any],
        let addr = (q["socket-address"] as? [[String: Any]])?.first, addr["type"] as? String == "inet" {
         target = "tcp:\(addr["host"]!):\(addr["port"]!)"
     }
-    let rtt = try? measureRoundTrip(host: link?.destinationAddress ?? "127.0.0.1", namespace: link?.sourceNamespace)
     var proxy: FaultProxy?
-    if let f = sc.failure, f != .linkDown, link == nil, case let .tcp(_, port) = try parseTCP(target) {
+    var rtt: Double?
+    if let link, delayed {
+        let delay = UInt64((sc.delayMs ?? 0) * 1e6)
+        proxy = try FaultProxy(upstream: 4444, port: 4445, host: link.destinationAddress, delayNanos: delay, namespace: link.destinationNamespace)
+        target = proxy!.uri
+        let echoProxy = try FaultProxy(upstream: 7790, port: 7791, host: link.destinationAddress, delayNanos: delay, namespace: link.destinationNamespace)
+        rtt = try? measureRoundTrip(host: link.destinationAddress, port: 7791, namespace: link.sourceNamespace)
+        echoProxy.close()
+    } else {
+        rtt = try? measureRoundTrip(host: link?.destinationAddress ?? "127.0.0.1", namespace: link?.sourceNamespace)
+    }
+    if proxy == nil, let f = sc.failure, f != .linkDown, link == nil, case let .tcp(_, port) = try parseTCP(target) {
         proxy = try FaultProxy(upstream: port)
         target = proxy!.uri
     }
@@ -165,7 +179,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     let ram = info["ram"] as? [String: Any] ?? [:]
     let total = qmpNumber(info["total-time"])
     let wire = sc.bandwidth > 0 ? Double(sc.memory) / Double(sc.bandwidth) * 1000 : nil
-    var run = PostcopyRun(scenario: sc.name, memoryBytes: sc.memory, bandwidth: sc.bandwidth, link: sc.netns ? "veth" + (sc.tcRate.map { " tbf \($0)" } ?? "") : "loopback",
+    var run = PostcopyRun(scenario: sc.name, memoryBytes: sc.memory, bandwidth: sc.bandwidth, link: sc.netns ? "veth" + (sc.tcRate.map { " tbf \($0)" } ?? "") + (delayed ? String(format: " + %.1f ms delay each way", sc.delayMs!) : "") : "loopback",
                           preempt: sc.preempt, failure: sc.failure?.rawValue, status: info["status"] as? String ?? "?",
                           totalTimeMs: total, wireLimitMs: wire, totalOverWireLimit: wire.map { Double(total) / $0 },
                           downtimeMs: info["downtime"].map { qmpNumber($0) }, autoSwitched: (ram["x-auto-postcopy"] as? Bool) ?? false,

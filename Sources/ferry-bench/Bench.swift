@@ -81,6 +81,12 @@ extension FerryBench {
                 s.netns = netns
                 if netns { s.tcRate = "1gbit" }
                 list.append(s)
+                if netns {
+                    var d = s
+                    d.name += "-delay1ms"
+                    d.delayMs = 1
+                    list.append(d)
+                }
             }
         }
         var auto = PostcopyScenario(name: "postcopy-auto-switch-512MiB-1Gbit-loopback", memory: 512 << 20)
