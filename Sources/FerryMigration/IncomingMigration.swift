@@ -499,11 +499,13 @@ extension IncomingMigration {
         setStatus(.postcopyPaused)
         let auto = capabilities.contains(.autoRecover)
         while true {
-            let l: MigrationListener? = lock.withLock { recoveryListener ?? (auto ? listener : nil) }
-            guard let l, l.waitForConnection(timeoutMs: 100) else {
-                if l == nil { usleep(50_000) }
-                continue
+            let l: MigrationListener = lock.withLock {
+                while true {
+                    if let l = recoveryListener ?? (auto ? listener : nil) { return l }
+                    lock.wait(timeoutNanos: 100_000_000) // woken by migrate-recover
+                }
             }
+            guard l.waitForConnection(timeoutMs: 100) else { continue }
             guard let ch = try? l.accept() else { continue }
             configure(ch)
             lock.withLock {
@@ -524,7 +526,7 @@ extension IncomingMigration {
         let same = uri == listener.boundURI || uri == listener.uri
         let l = same ? listener : try MigrationListener(uri)
         let old: MigrationListener? = lock.withLock {
-            defer { recoveryListener = l }
+            defer { recoveryListener = l; lock.broadcast() }
             return recoveryListener
         }
         if let old, old !== listener, old !== l { old.close() }

@@ -576,9 +576,10 @@ final class OutgoingMigration: @unchecked Sendable {
         let pausedAt = Sys.monotonicNanos()
         closeChannels(old)
         lock.withLock {
+            // A forced pause also breaks the channels; report the cause, not the symptom.
+            _stats.errorDescription = pauseRequested ? "Postcopy migration is paused by the user" : "\(error)"
             rpError = nil; rpShut = nil; pauseRequested = false
             _stats.postcopyPauses += 1
-            _stats.errorDescription = "\(error)"
         }
         lock.withLock { channel = nil }
         setStatus(.postcopyPaused)

@@ -122,7 +122,8 @@ public final class VMHost: @unchecked Sendable {
             return
         }
         let m: OutgoingMigration = try lock.withLock {
-            if incoming != nil { throw MigrationError(.state, "this VM is a migration destination") }
+            // A VM that arrived by migration may leave again once its incoming migration completed.
+            if let i = incoming, i.status != .completed { throw MigrationError(.state, "this VM is a migration destination (incoming \(i.status.rawValue))") }
             if let o = outgoing, o.status.isRunning { throw MigrationError(.state, "There's a migration process in progress") }
             guard _runState == .running || _runState == .paused else {
                 throw MigrationError(.state, "cannot migrate a VM in state \(_runState.rawValue)")

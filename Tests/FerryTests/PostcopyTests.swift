@@ -84,4 +84,25 @@ struct PostcopyTests {
         try pair.destination.cont()
         pair.expectDestinationRunsCorrectly()
     }
+
+    @Test("a precopy that does not converge switches to postcopy by itself (postcopy-auto-switch-passes) and completes")
+    func autoSwitch() throws {
+        let pair = try postcopyPair()
+        for h in [pair.source, pair.destination] { try h.setCapabilities([(.postcopyBlocktime, true)]) }
+        let target = try pair.listen()
+        // 20 MB/s against a guest that dirties all 64 MiB in well under a second: never converges.
+        pair.source.setParameters { $0.maxBandwidth = 20_000_000; $0.maxPostcopyBandwidth = 20_000_000; $0.postcopyAutoSwitchPasses = 1 }
+        try pair.source.migrate(uri: target)
+        #expect(pair.source.waitForMigration(seconds: 120) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.destination.waitForMigration(seconds: 20) == .completed)
+        let s = pair.source.queryMigrate()
+        #expect(s.autoSwitched)
+        #expect(s.dirtySyncCount >= 1 && s.dirtySyncCount <= 3, "switched after \(s.dirtySyncCount) passes")
+        #expect(s.postcopyRequests > 0)
+        let f = try #require(pair.destination.queryMigrate().faults, "postcopy-blocktime is on: the destination reports fault metrics")
+        #expect(f.faults > 0 && f.p50Us > 0 && f.p99Us >= f.p50Us && f.maxUs >= f.p99Us)
+        #expect(f.vcpuFaults > 0, "the vCPU thread's faults are attributed to it")
+        #expect(f.distribution.reduce(0, +) == UInt64(f.faults))
+        pair.expectDestinationRunsCorrectly()
+    }
 }

@@ -28,6 +28,7 @@ async def main():
     d = tempfile.mkdtemp(prefix="ferry-qmp-")
     src = subprocess.Popen([FERRY, "run", "--memory", str(MEM), "--qmp", f"{d}/src.qmp", "--serial", f"{d}/src.log"])
     dst = subprocess.Popen([FERRY, "run", "--memory", str(MEM), "--qmp", f"{d}/dst.qmp", "--serial", f"{d}/dst.log", "--incoming", "defer"])
+    extra = []
     try:
         s = await connect(f"{d}/src.qmp")
         t = await connect(f"{d}/dst.qmp")
@@ -124,6 +125,58 @@ async def main():
             check(False, "pmemsave outside RAM refused")
         except ExecuteError as e:
             check("not guest RAM" in str(e), "pmemsave outside RAM refused")
+
+        # postcopy with a forced pause and a recovery, driven only by qemu.qmp:
+        # the destination above is the source now, a third process the destination
+        await t.execute("cont")
+        dst3 = subprocess.Popen([FERRY, "run", "--memory", str(MEM), "--qmp", f"{d}/dst3.qmp", "--serial", f"{d}/dst3.log", "--incoming", "defer"])
+        extra.append(dst3)
+        u = await connect(f"{d}/dst3.qmp")
+        for c in (t, u):
+            await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}, {"capability": "postcopy-ram", "state": True}]})
+        await u.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        a3 = (await u.execute("query-migrate"))["socket-address"][0]
+        uri3 = f"tcp:{a3['host']}:{a3['port']}"
+        await t.execute("migrate-set-parameters", {"max-bandwidth": 5_000_000, "max-postcopy-bandwidth": 1_000_000})
+        async def until(listener, status, seen):
+            while True:
+                e = await asyncio.wait_for(listener.get(), 30)
+                if e["event"] == "MIGRATION":
+                    seen.append(e["data"]["status"])
+                    if e["data"]["status"] == status:
+                        return
+        with t.listener() as te, u.listener() as ue:
+            ts, us = [], []
+            await t.execute("migrate", {"uri": uri3})
+            await t.execute("migrate-start-postcopy")
+            await until(te, "postcopy-active", ts)
+            try:
+                await t.execute("migrate_cancel")
+                check(False, "migrate_cancel refused in postcopy")
+            except ExecuteError as e:
+                check("cannot cancel" in str(e), f"migrate_cancel refused in postcopy: {e}")
+            await t.execute("migrate-pause")
+            await until(te, "postcopy-paused", ts)
+            await until(ue, "postcopy-paused", us)
+            q = await t.execute("query-migrate")
+            check(q["status"] == "postcopy-paused" and "error-desc" in q, f"paused source reports why: {q.get('error-desc')}")
+            await u.execute("migrate-recover", {"uri": uri3})
+            await t.execute("migrate", {"uri": uri3, "resume": True})
+            await until(te, "postcopy-active", ts)
+            await t.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
+            await until(te, "completed", ts)
+            await until(ue, "completed", us)
+            check(ts[-5:] == ["postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "postcopy-active", "completed"], f"source recovery events: {ts}")
+            check(us[-4:] == ["postcopy-paused", "postcopy-recover", "postcopy-active", "completed"], f"destination recovery events: {us}")
+        q = await t.execute("query-migrate")
+        check(q["x-postcopy-recovery"]["recoveries"] == 1 and q["x-postcopy-recovery"]["bitmap-bytes"] > 0, f"recovery stats: {q['x-postcopy-recovery']}")
+        time.sleep(0.5)
+        await u.execute("stop")
+        await u.execute("pmemsave", {"val": 0, "size": MEM, "filename": f"{d}/ram3.bin"})
+        r = subprocess.run([FERRY, "check-memory", f"{d}/ram3.bin", "--top", str(MEM)], capture_output=True, text=True)
+        check(r.returncode == 0, f"memory after postcopy recovery: {r.stdout.strip()}")
+        await u.disconnect()
+
         await s.execute("quit")
         src.wait(timeout=5)
         check(src.returncode == 0, "quit ends the source process")
@@ -133,7 +186,7 @@ async def main():
         except Exception:
             pass
     finally:
-        for p in (src, dst):
+        for p in [src, dst] + extra:
             if p.poll() is None:
                 p.kill()
     print("qemu.qmp check passed")
