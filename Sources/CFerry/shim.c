@@ -211,3 +211,6 @@ int ferry_gettid(void) { return (int)syscall(SYS_gettid); }
 
 #include <sched.h>
 int ferry_setns_net(int fd) { return setns(fd, CLONE_NEWNET) == 0 ? 0 : -errno; }
+
+#include <stddef.h>
+size_t ferry_kvm_run_mmio_data_offset(void) { return offsetof(struct kvm_run, mmio.data); }

@@ -60,7 +60,7 @@ public final class VCPU: @unchecked Sendable {
                        data: UnsafeMutableRawPointer(run) + Int(io.data_offset))
         case KVM_EXIT_MMIO:
             let m = p.mmio
-            let data = UnsafeMutableRawPointer(run) + MemoryLayout<kvm_run>.offset(of: \kvm_run.mmio.data)!
+            let data = UnsafeMutableRawPointer(run) + Int(ferry_kvm_run_mmio_data_offset())
             return .mmio(address: m.phys_addr, isWrite: m.is_write != 0, length: Int(m.len), data: data)
         case KVM_EXIT_HLT: return .hlt
         case KVM_EXIT_SHUTDOWN: return .shutdown

@@ -48,6 +48,8 @@ final class IncomingMigration: @unchecked Sendable {
     private var preemptThread: KernelThread?
     // recovery
     private var recoveryListener: MigrationListener?
+    /// The package's RUN started the guest here.
+    private var guestStarted = false
     private var pauseRequested = false
 
     init(host: VMHost, uri: MigrationURI, capabilities: Set<MigrationCapability>) throws {
@@ -143,10 +145,28 @@ final class IncomingMigration: @unchecked Sendable {
                 postcopyMain(decoder, ch)
             }
         } catch {
+            // Postcopy was coming but this guest never ran: the source still has the only
+            // copy. Keep answering on the address with SHUT(1), so a source that tries to
+            // recover learns that and runs its guest again instead of waiting forever.
+            let refuse = postcopyAdvised && !guestStarted && capabilities.contains(.postcopyRAM)
             fail(error)
             lock.withLock { channel }?.close()
-            listener.close()
             finishPostcopy()
+            if refuse { refuseRecovery() } else { listener.close() }
+        }
+    }
+
+    private func refuseRecovery() {
+        let l = listener
+        _ = try? KernelThread(name: "mig/dst/refuse") {
+            while let ch = try? l.accept() {
+                var b = WireBuffer(capacity: 8)
+                b.rpShut(1)
+                try? ch.write(b)
+                try? ch.flush()
+                _ = ch.waitReadable(timeoutMs: 1000) // let the source read it before the close
+                ch.close()
+            }
         }
     }
 
@@ -259,6 +279,7 @@ extension IncomingMigration {
                 guard uffd != nil, let cpu else { throw MigrationError(.protocolError, "POSTCOPY_RUN before LISTEN and the vCPU state") }
                 try machine.vcpu.restoreState(cpu)
                 try machine.start()
+                guestStarted = true
                 host.setRunState(.running)
                 host.emit(.resume)
                 // The guest runs here now: tell the source (its downtime ends; it may no

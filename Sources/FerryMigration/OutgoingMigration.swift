@@ -479,19 +479,24 @@ final class OutgoingMigration: @unchecked Sendable {
             try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, true)
             throw MigrationError(.protocolError, "the destination failed to start the guest (SHUT \(f.shut)); the guest continues here")
         } catch {
-            current = pauseAndRecover(after: error, old: ch)
+            current = try pauseAndRecover(after: error, old: ch)
         }
         while true {
             do {
                 try streamPostcopy(current)
                 return
             } catch {
-                current = pauseAndRecover(after: error, old: current)
+                current = try pauseAndRecover(after: error, old: current)
             }
         }
     }
 
     private struct PostcopyDeviceFailure: Error { let shut: UInt32 }
+
+    /// A recovery attempt reached a destination that failed before it ever ran the guest
+    /// (it answers SHUT(1)), and this side never heard that it did (no PONG 0x42): the
+    /// guest's only copy is here, so it runs here again.
+    private struct DestinationNeverRan: Error { let shut: UInt32 }
 
     /// The postcopy background stream until every page is on the destination, then EOF and
     /// the destination's SHUT(0). Throws on any channel error or a forced pause.
@@ -572,7 +577,7 @@ final class OutgoingMigration: @unchecked Sendable {
     /// postcopy-paused until recovered: keeps every page and queued request, waits for
     /// `migrate resume=true` (or, with auto-recover, reconnects by itself with backoff), and
     /// runs the recovery handshake. A failed attempt returns here; this never gives up.
-    private func pauseAndRecover(after error: any Error, old: MigrationChannel) -> MigrationChannel {
+    private func pauseAndRecover(after error: any Error, old: MigrationChannel) throws -> MigrationChannel {
         let pausedAt = Sys.monotonicNanos()
         closeChannels(old)
         lock.withLock {
@@ -623,6 +628,11 @@ final class OutgoingMigration: @unchecked Sendable {
                 }
                 setStatus(.postcopyActive)
                 return ch
+            } catch let never as DestinationNeverRan {
+                closeChannels(newChannel)
+                lock.withLock { destinationOwnsGuest = false; channel = nil }
+                try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
+                throw MigrationError(.protocolError, "the destination failed before it ran the guest (it answered recovery with SHUT \(never.shut)); the guest continues here")
             } catch {
                 closeChannels(newChannel)
                 lock.withLock {
@@ -680,6 +690,10 @@ final class OutgoingMigration: @unchecked Sendable {
         return try lock.withLock {
             while true {
                 if let v = value() { return v }
+                if let s = rpShut, s != 0 {
+                    if !postcopyLoaded { throw DestinationNeverRan(shut: s) }
+                    throw MigrationError(.protocolError, "the destination refused recovery (SHUT \(s))")
+                }
                 if let e = rpError { throw MigrationError(.io, "return path failed during recovery: \(e)") }
                 if pauseRequested { throw MigrationError(.io, "Postcopy recovery is paused by the user") }
                 if Sys.monotonicNanos() > deadline { throw MigrationError(.timeout, "the destination did not answer within \(Int(seconds)) s") }

@@ -216,4 +216,49 @@ struct RecoveryTests {
         let f = p.destination.queryMigrate().faults
         #expect((f?.faults ?? 0) > 0)
     }
+
+    @Test("a wrong peer on the recovery address (garbage, then a fresh migration stream) puts the destination back to paused; the real source then recovers")
+    func wrongPeer() throws {
+        let p = try ProxiedPair(autoRecover: false)
+        try p.startPostcopy()
+        #expect(p.bothActive())
+        p.proxy.reset()
+        #expect(p.bothPaused())
+        let target = p.destination.queryMigrate().socketAddress!.description
+        try p.destination.migrateRecover(uri: target)
+        guard case let .tcp(_, port) = try MigrationURI(target) else { return }
+        for (n, junk) in [[0xde, 0xad, 0xbe, 0xef, 1, 2, 3], [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]].enumerated() {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = port.bigEndian
+            sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+            let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            #expect(r == 0)
+            let junk: [UInt8] = junk.map { UInt8($0) }
+            _ = junk.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            #expect(waitUntil { p.destination.queryMigrate().postcopyPauses >= UInt64(2 + n) && p.destination.queryMigrate().status == .postcopyPaused })
+            close(fd)
+        }
+        #expect(p.destination.queryMigrate().postcopyPauses >= 3, "each wrong peer is a failed recovery: back to paused")
+        #expect(p.destination.queryMigrate().status == .postcopyPaused)
+        try p.source.migrate(uri: p.proxy.uri, resume: true)
+        p.expectCompleted()
+    }
+
+    @Test("the link dies with the postcopy package in flight: the destination never ran the guest, so the source learns it on recovery and runs it again")
+    func packageLost() throws {
+        let p = try ProxiedPair()
+        p.proxy.on(.toDestination, pattern: [8, 0, 7, 0, 4], .reset) // the PACKAGED command
+        try p.startPostcopy()
+        #expect(p.destination.waitForMigration(seconds: 10) == .failed)
+        #expect(p.source.waitForMigration(seconds: 20) == .failed, "source: \(p.source.queryMigrate().status)")
+        #expect(p.source.queryMigrate().postcopyPauses == 1, "the source paused first: it could not know")
+        #expect(p.source.runState == .running)
+        #expect(waitForPasses(p.source.machine, 2), "the source guest runs again")
+        p.source.machine.pause()
+        #expect(checkMemory(p.source.machine).passed)
+        p.source.machine.resume()
+        #expect(p.destination.runState != .running)
+    }
 }

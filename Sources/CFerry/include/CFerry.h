@@ -95,6 +95,8 @@ static inline void ferry_atomic_store8(uint8_t *p, uint8_t v) { __atomic_store_n
 int ferry_set_thread_name(const char *name);
 /// The calling thread's kernel thread id (what userfaultfd reports as the faulting thread).
 int ferry_gettid(void);
+/// Byte offset of kvm_run.mmio.data (inside an anonymous union Swift cannot take a key path through).
+size_t ferry_kvm_run_mmio_data_offset(void);
 /// Moves the calling thread into the network namespace open at `fd` (setns CLONE_NEWNET).
 int ferry_setns_net(int fd);
 int ferry_eventfd(unsigned int initial);
