@@ -28,9 +28,15 @@ public final class FerryProcess: @unchecked Sendable {
         try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
     }
 
+    /// SIGTERM, then SIGKILL if the process has not gone within 5 s.
     public func terminate() {
         kill(pid, SIGTERM)
         var st: Int32 = 0
+        for _ in 0..<500 {
+            if waitpid(pid, &st, WNOHANG) == pid { return }
+            usleep(10_000)
+        }
+        kill(pid, SIGKILL)
         waitpid(pid, &st, 0)
     }
 

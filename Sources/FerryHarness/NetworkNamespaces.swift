@@ -54,21 +54,26 @@ public final class VethLink: @unchecked Sendable {
 
     @discardableResult
     static func run(_ exe: String, _ args: [String], quiet: Bool = false) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        if p.terminationStatus != 0 && !quiet {
-            throw HarnessError("\(exe) \(args.joined(separator: " ")) failed (\(p.terminationStatus)): \(text)")
+        let (status, text) = try runProcess(exe, args)
+        if status != 0 && !quiet {
+            throw HarnessError("\(exe) \(args.joined(separator: " ")) failed (\(status)): \(text)")
         }
         return text
     }
+}
+
+/// Runs a program to its end; returns its exit status and its stdout and stderr together.
+public func runProcess(_ exe: String, _ args: [String]) throws -> (status: Int32, output: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: exe)
+    p.arguments = args
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
 }
 
 public struct HarnessError: Error, CustomStringConvertible {

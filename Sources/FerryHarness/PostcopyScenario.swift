@@ -103,6 +103,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
        let addr = (q["socket-address"] as? [[String: Any]])?.first, addr["type"] as? String == "inet" {
         target = "tcp:\(addr["host"]!):\(addr["port"]!)"
     }
+    let destinationAddress = target // where migrate-recover listens (the proxy sits in front)
     var proxy: FaultProxy?
     var rtt: Double?
     if let link, delayed {
@@ -130,6 +131,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     var injectedAt: UInt64?
     var srcDetect: Double?, dstDetect: Double?
     var healed = false
+    var injectedWall: Double = 0
     while true {
         info = try src.qmp.execute("query-migrate") as? [String: Any] ?? [:]
         let status = info["status"] as? String ?? ""
@@ -144,6 +146,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
         }
         if activeAt == nil && status == "postcopy-active" { activeAt = now }
         if let f = sc.failure, injectedAt == nil, let a = activeAt, now - a >= UInt64(sc.failureAfterMs) * 1_000_000 {
+            injectedWall = Date().timeIntervalSince1970
             switch f {
             case .reset: proxy?.reset()
             case .blackhole: proxy?.set(.blackhole)
@@ -166,7 +169,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
                 case .linkDown: try link?.up()
                 }
                 if !sc.autoRecover {
-                    try dst.qmp.execute("migrate-recover", ["uri": incoming.hasSuffix(":0") ? target : incoming])
+                    try dst.qmp.execute("migrate-recover", ["uri": destinationAddress])
                     try src.qmp.execute("migrate", ["uri": target, "resume": true])
                 }
                 healed = true
@@ -208,8 +211,21 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
         run.bitmapBytes = qmpNumber(r["bitmap-bytes"])
         run.pagesResent = qmpNumber(r["pages-resent"])
     }
-    run.sourceDetectionMs = srcDetect
-    run.destinationDetectionMs = dstDetect
+    // Detection from the MIGRATION events' own timestamps (the polling above can miss a
+    // pause that recovery ends within one poll).
+    _ = try? src.qmp.execute("query-status")
+    _ = try? dst.qmp.execute("query-status")
+    func pausedAt(_ p: FerryProcess) -> Double? {
+        for e in p.qmp.events where e["event"] as? String == "MIGRATION" {
+            guard (e["data"] as? [String: Any])?["status"] as? String == "postcopy-paused",
+                  let ts = e["timestamp"] as? [String: Any] else { continue }
+            let t = Double(qmpNumber(ts["seconds"])) + Double(qmpNumber(ts["microseconds"])) / 1e6
+            if t >= injectedWall - 0.001 { return (t - injectedWall) * 1000 }
+        }
+        return nil
+    }
+    run.sourceDetectionMs = injectedAt == nil ? nil : pausedAt(src) ?? srcDetect
+    run.destinationDetectionMs = injectedAt == nil ? nil : pausedAt(dst) ?? dstDetect
     if run.status == "completed" {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)

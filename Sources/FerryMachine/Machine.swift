@@ -26,6 +26,8 @@ public enum VCPURunState: String, Sendable {
 /// exit first (KVM_RUN with immediate_exit), so saved state is consistent.
 public final class Machine: @unchecked Sendable {
     public static let ramSlot: UInt32 = 0
+    /// Largest guest RAM: up to the IOAPIC/LAPIC window at 0xfec00000 (4076 MiB).
+    public static let maxMemory = 0xfec0_0000
     /// The signal that kicks the vCPU thread out of KVM_RUN.
     public static let kickSignal = SIGUSR1
 
@@ -62,7 +64,9 @@ public final class Machine: @unchecked Sendable {
     public func pause() { _ = core.pause(timeoutNanos: nil) }
     /// As `pause()`, but gives up waiting after `timeoutNanos` (a vCPU blocked in the kernel
     /// on a missing postcopy page parks only once the page arrives). True when parked.
-    public func pause(timeoutNanos: UInt64) -> Bool { core.pause(timeoutNanos: timeoutNanos) }
+    /// `kick: false` leaves a vCPU blocked in the kernel alone (a signal makes KVM retry a
+    /// userfaultfd fault in a busy loop until the page arrives); it parks at its next exit.
+    public func pause(timeoutNanos: UInt64, kick: Bool = true) -> Bool { core.pause(timeoutNanos: timeoutNanos, kick: kick) }
     /// The vCPU thread's kernel thread id (userfaultfd reports it with each fault); 0 before start.
     public var vcpuThreadID: UInt32 { core.vcpuThreadID }
     /// Lets the guest run again after `pause()`.
@@ -98,8 +102,11 @@ final class MachineCore: @unchecked Sendable {
         guard memorySize >= 2 << 20 else {
             throw MachineError(.config, "memory size \(memorySize) is too small: the guest needs at least 2 MiB")
         }
-        guard memorySize <= 0xfffb_c000 else {
-            throw MachineError(.config, "memory size \(memorySize) overlaps the KVM TSS pages below 4 GiB; at most \(0xfffb_c000) bytes")
+        // RAM is one slot from 0; it must end below the x86 interrupt controllers' window
+        // (IOAPIC 0xfec00000, LAPIC 0xfee00000: KVM exits on LAPIC accesses even where RAM is
+        // mapped) and KVM's TSS pages. No RAM above 4 GiB yet.
+        guard memorySize <= Machine.maxMemory else {
+            throw MachineError(.config, "memory size \(memorySize) reaches the interrupt controllers' window at 0xfec00000; at most \(Machine.maxMemory) bytes (\(Machine.maxMemory >> 20) MiB)")
         }
         do {
             self.kvm = try kvm ?? Kvm()
@@ -167,7 +174,7 @@ final class MachineCore: @unchecked Sendable {
 
     /// Stops the guest and waits until the vCPU thread is parked with no pending I/O.
     /// Safe to call from any thread, repeatedly.
-    public func pause(timeoutNanos: UInt64?) -> Bool {
+    public func pause(timeoutNanos: UInt64?, kick: Bool = true) -> Bool {
         let deadline = timeoutNanos.map { Sys.monotonicNanos() + $0 }
         monitor.withLock {
             guard thread != nil, !quitRequested else { return }
@@ -175,7 +182,7 @@ final class MachineCore: @unchecked Sendable {
             pauseRequested = true
             monitor.broadcast()
         }
-        thread?.kick(Machine.kickSignal)
+        if kick { thread?.kick(Machine.kickSignal) }
         return monitor.withLock {
             while !parked && !quitRequested && thread != nil {
                 if let deadline, Sys.monotonicNanos() >= deadline { break }

@@ -567,6 +567,13 @@ extension IncomingMigration {
         lock.withLock { preempt }?.shutdown()
     }
 
+    /// The process is going away with postcopy unfinished: wake every thread waiting on a
+    /// missing page (the unregister does that) so the vCPU can be stopped.
+    func releaseGuestMemory() {
+        guard uffd != nil, status.isPostcopy else { return }
+        finishPostcopy()
+    }
+
     /// Every page is here: stop catching faults.
     private func finishPostcopy() {
         if faultStop >= 0 {

@@ -100,7 +100,8 @@ public final class VMHost: @unchecked Sendable {
         guard runState == .running else { return }
         // A vCPU blocked on a missing postcopy page parks only when the page arrives; `stop`
         // must not hang QMP meanwhile (the pause takes effect then).
-        _ = machine.pause(timeoutNanos: 500_000_000)
+        let waitingForPages = lock.withLock { incoming?.status.isPostcopy ?? false }
+        _ = machine.pause(timeoutNanos: 500_000_000, kick: !waitingForPages)
         setRunState(.paused)
         emit(.stop)
     }
@@ -168,6 +169,12 @@ public final class VMHost: @unchecked Sendable {
         guard uri.isBidirectional else { throw MigrationError(.badURI, "postcopy recovery needs a tcp: or unix: URI") }
         guard let i = lock.withLock({ incoming }) else { throw MigrationError(.state, "Migrate recover can only be run when postcopy is paused.") }
         try i.recover(uri)
+    }
+
+    /// Before the process exits: a destination still in postcopy lets go of the guest's
+    /// missing pages (they become zero pages), so the vCPU can stop.
+    public func prepareForExit() {
+        lock.withLock { incoming }?.releaseGuestMemory()
     }
 
     public func cancel() throws {

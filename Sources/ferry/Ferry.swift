@@ -117,6 +117,7 @@ struct Run: ParsableCommand {
         }
         _ = waitForSignal()
         server?.close()
+        host.prepareForExit()
         host.machine.stop()
         if host.machine.unhandledIOCount > 0 {
             FileHandleStderr.write("ferry: \(host.machine.unhandledIOCount) accesses to unmodelled I/O ports were ignored\n")

@@ -1,3 +1,4 @@
+import FerryHarness
 import Foundation
 import Testing
 
@@ -15,17 +16,8 @@ struct QMPClientTests {
     @Test("qemu.qmp negotiates, runs every command against two ferry processes and receives the events")
     func standardClient() throws {
         #expect(FileManager.default.isExecutableFile(atPath: Paths.ferry), "build ferry first (swift build): \(Paths.ferry)")
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", "\(Paths.root)/Tests/qmp/qmp_client_check.py", Paths.ferry]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        #expect(p.terminationStatus == 0, "\(text)")
+        let (status, text) = try runProcess("/usr/bin/env", ["python3", "\(Paths.root)/Tests/qmp/qmp_client_check.py", Paths.ferry])
+        #expect(status == 0, "\(text)")
         #expect(text.contains("qemu.qmp check passed"), "\(text)")
     }
 }
