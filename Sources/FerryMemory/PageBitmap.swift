@@ -129,28 +129,33 @@ public final class PageBitmap: @unchecked Sendable {
 
     /// Little-endian 64-bit words, `byteCount` bytes.
     public func serialized() -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: byteCount)
-        for w in 0..<wordCount {
-            var v = ferry_atomic_load64(words + w).littleEndian
-            withUnsafeBytes(of: &v) { b in
-                for k in 0..<8 { out[w * 8 + k] = b[k] }
+        [UInt8](unsafeUninitializedCapacity: byteCount) { buf, n in
+            let out = UnsafeMutableRawPointer(buf.baseAddress!)
+            for w in 0..<wordCount {
+                out.storeBytes(of: ferry_atomic_load64(words + w).littleEndian, toByteOffset: w * 8, as: UInt64.self)
             }
+            n = byteCount
         }
-        return out
     }
 
     /// Parses the wire form; `bytes.count` must equal the serialised size for `bitCount`.
     public static func deserialize(_ bytes: some Collection<UInt8>, bitCount: Int) -> PageBitmap? {
         let bm = PageBitmap(bitCount: bitCount)
         guard bytes.count == bm.byteCount else { return nil }
-        var idx = bytes.startIndex
-        for w in 0..<bm.wordCount {
-            var v: UInt64 = 0
-            for k in 0..<8 {
-                v |= UInt64(bytes[idx]) << UInt64(8 * k)
-                idx = bytes.index(after: idx)
+        let fast: Void? = bytes.withContiguousStorageIfAvailable { b in
+            let raw = UnsafeRawPointer(b.baseAddress!)
+            for w in 0..<bm.wordCount { bm.words[w] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self)) }
+        }
+        if fast == nil {
+            var idx = bytes.startIndex
+            for w in 0..<bm.wordCount {
+                var v: UInt64 = 0
+                for k in 0..<8 {
+                    v |= UInt64(bytes[idx]) << UInt64(8 * k)
+                    idx = bytes.index(after: idx)
+                }
+                bm.words[w] = v
             }
-            bm.words[w] = v
         }
         bm.trimTail()
         return bm
