@@ -154,7 +154,7 @@ struct RecoveryTests {
         #expect(Array(dst.suffix(4)) == [.postcopyPaused, .postcopyRecover, .postcopyActive, .completed], "\(dst)")
     }
 
-    @Test("three failures in one migration (reset, blackhole, forced pause) and a retry after a failed resume")
+    @Test("four failures in one migration (reset, blackhole, forced pause on each side) and a retry after a failed resume")
     func repeatedFailures() throws {
         let p = try ProxiedPair(autoRecover: false)
         try p.startPostcopy(postcopyBandwidth: 6_000_000)
@@ -183,18 +183,24 @@ struct RecoveryTests {
         #expect(p.bothPaused(seconds: 5))
         p.proxy.set(.pass)
         try recover()
+        // 4: operator pause on the destination
+        try p.destination.migratePause()
+        #expect(p.bothPaused(seconds: 5))
+        try recover()
         p.expectCompleted()
-        #expect(p.source.queryMigrate().postcopyPauses == 3)
-        #expect(p.source.queryMigrate().recoveries == 3)
+        #expect(p.source.queryMigrate().postcopyPauses == 4)
+        #expect(p.source.queryMigrate().recoveries == 4)
+        #expect(p.destination.queryMigrate().errorDescription == nil || p.destination.queryMigrate().status == .completed)
     }
 
-    @Test("a precopy failure fails the migration and the source guest keeps running intact")
-    func precopyFailure() throws {
+    @Test("a precopy failure (reset or blackhole) fails the migration and the source guest keeps running intact",
+          arguments: Failure.allCases)
+    func precopyFailure(failure: Failure) throws {
         let p = try ProxiedPair()
         p.source.setParameters { $0.maxBandwidth = 10_000_000 }
         try p.source.migrate(uri: p.proxy.uri)
         #expect(waitUntil { p.source.queryMigrate().status == .active && p.source.queryMigrate().transferred > 2 << 20 })
-        p.proxy.set(.blackhole)
+        if failure == .reset { p.proxy.reset() } else { p.proxy.set(.blackhole) }
         #expect(p.source.waitForMigration(seconds: 10) == .failed)
         #expect(p.source.runState == .running)
         #expect(waitForPasses(p.source.machine, 1))
