@@ -28,6 +28,31 @@ public final class FerryProcess: @unchecked Sendable {
         try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
     }
 
+    /// The same guest under QEMU (`qemu-system-x86_64`, KVM), for side-by-side numbers: the
+    /// test guest image of that RAM size (or `image`), serial to a file, QMP on a socket.
+    public init(qemuDirectory directory: String, name: String, memory: Int, image: String?, incoming: Bool, namespace: String? = nil) throws {
+        qmpPath = "\(directory)/\(name).qmp"
+        serialPath = "\(directory)/\(name)-serial.log"
+        unlink(qmpPath)
+        var img = image ?? ""
+        if image == nil {
+            img = "\(directory)/\(name)-guest.img"
+            FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(forMemory: memory)))
+        }
+        var args = ["-machine", "pc,accel=kvm", "-m", "\(memory >> 20)M", "-drive", "file=\(img),format=raw,if=ide",
+                    "-display", "none", "-vga", "none", "-nodefaults", "-serial", "file:\(serialPath)",
+                    "-qmp", "unix:\(qmpPath),server=on,wait=off"]
+        if incoming { args += ["-incoming", "defer"] }
+        let qemu = "/usr/bin/qemu-system-x86_64"
+        if let namespace {
+            pid = try spawn("/usr/sbin/ip", ["netns", "exec", namespace, qemu] + args)
+        } else {
+            pid = try spawn(qemu, args)
+        }
+        qmp = try QMPClient(path: qmpPath)
+        try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
+    }
+
     /// SIGTERM, then SIGKILL if the process has not gone within 5 s.
     public func terminate() {
         kill(pid, SIGTERM)
@@ -97,6 +122,7 @@ public func spawn(_ exe: String, _ args: [String]) throws -> pid_t {
 
 /// One measured migration between two fresh processes.
 public struct MigrationRun: Codable, Sendable {
+    public var engine: Engine = .ferry
     public var scenario: String
     public var memoryBytes: Int
     public var maxBandwidth: UInt64
@@ -114,7 +140,14 @@ public struct MigrationRun: Codable, Sendable {
     public var error: String?
 }
 
+/// Which VMM runs both ends of a scenario.
+public enum Engine: String, Codable, Sendable { case ferry, qemu }
+
+/// Whether QEMU is installed for side-by-side runs.
+public var qemuAvailable: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64") }
+
 public struct PrecopyScenario: Sendable {
+    public var engine: Engine = .ferry
     public var name: String
     public var memory: Int
     /// nil: the built-in dirtying test guest; else a boot-sector image path.
@@ -137,9 +170,12 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     mkdir(directory, 0o700)
     var guestArgs: [String] = []
     if let g = scenario.guestImage { guestArgs = ["--guest", g] }
-    let src = try FerryProcess(executable: executable, directory: directory, name: "src", arguments: ["--memory", String(scenario.memory)] + guestArgs)
+    let qemu = scenario.engine == .qemu
+    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: scenario.memory, image: scenario.guestImage, incoming: false)
+                   : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: ["--memory", String(scenario.memory)] + guestArgs)
     defer { src.terminate() }
-    let dst = try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: ["--memory", String(scenario.memory), "--incoming", "defer"])
+    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: scenario.memory, image: scenario.guestImage, incoming: true)
+                   : try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: ["--memory", String(scenario.memory), "--incoming", "defer"])
     defer { dst.terminate() }
     if scenario.guestImage == nil { src.waitForSerial(3, seconds: 60) } else { usleep(200_000) }
     let incoming = scenario.transport == "unix" ? "unix:\(directory)/migrate.sock" : "tcp:127.0.0.1:0"
@@ -175,6 +211,7 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
         throughputMBps: total > 0 ? Double(qmpNumber(ram["transferred"])) / 1e6 / (Double(total) / 1000) : 0,
         passes: qmpNumber(ram["dirty-sync-count"]), memoryCheckPassed: nil, sourceIntactAfterCancel: nil,
         error: info["error-desc"] as? String)
+    run.engine = scenario.engine
     if run.status == "completed" && scenario.guestImage == nil {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)

@@ -7,6 +7,7 @@ import Glibc
 /// or across two network namespaces.
 public struct PostcopyScenario: Sendable {
     public enum Failure: String, Codable, Sendable { case reset, blackhole, linkDown = "link-down" }
+    public var engine: Engine = .ferry
     public var name: String
     public var memory: Int
     /// max-bandwidth and max-postcopy-bandwidth, bytes/s (0 = unlimited).
@@ -33,6 +34,7 @@ public struct PostcopyScenario: Sendable {
 }
 
 public struct PostcopyRun: Codable, Sendable {
+    public var engine: Engine = .ferry
     public var scenario: String
     public var memoryBytes: Int
     public var bandwidth: UInt64
@@ -79,22 +81,26 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     let link = sc.netns ? try VethLink(rate: sc.tcRate) : nil
     defer { link?.teardown() }
     let mem = ["--memory", String(sc.memory)]
-    let src = try FerryProcess(executable: executable, directory: directory, name: "src", arguments: mem, namespace: link?.sourceNamespace)
+    let qemu = sc.engine == .qemu
+    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: sc.memory, image: nil, incoming: false, namespace: link?.sourceNamespace)
+                   : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: mem, namespace: link?.sourceNamespace)
     defer { src.terminate() }
-    let dst = try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: mem + ["--incoming", "defer"],
-                               namespace: link?.destinationNamespace)
+    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: sc.memory, image: nil, incoming: true, namespace: link?.destinationNamespace)
+                   : try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: mem + ["--incoming", "defer"],
+                                      namespace: link?.destinationNamespace)
     defer { dst.terminate() }
     src.waitForSerial(3, seconds: 120)
 
     var caps = ["postcopy-ram", "postcopy-blocktime"]
     if sc.preempt { caps.append("postcopy-preempt") }
-    if sc.autoRecover { caps.append("auto-recover") }
+    if sc.autoRecover && !qemu { caps.append("auto-recover") } // Ferry's own; QEMU recovers by hand
     for p in [src, dst] {
         try p.qmp.execute("migrate-set-capabilities", ["capabilities": caps.map { ["capability": $0, "state": true] }])
-        try p.qmp.execute("migrate-set-parameters", ["heartbeat-timeout": sc.heartbeatMs])
+        if !qemu { try p.qmp.execute("migrate-set-parameters", ["heartbeat-timeout": sc.heartbeatMs]) }
     }
-    try src.qmp.execute("migrate-set-parameters", ["max-bandwidth": sc.bandwidth, "max-postcopy-bandwidth": sc.bandwidth,
-                                                   "downtime-limit": 300, "postcopy-auto-switch-passes": sc.autoSwitchPasses])
+    var params: [String: Any] = ["max-bandwidth": sc.bandwidth, "max-postcopy-bandwidth": sc.bandwidth, "downtime-limit": 300]
+    if !qemu { params["postcopy-auto-switch-passes"] = sc.autoSwitchPasses }
+    try src.qmp.execute("migrate-set-parameters", params)
     let delayed = link != nil && (sc.delayMs ?? 0) > 0
     let incoming = link.map { delayed ? "tcp:0.0.0.0:4444" : "tcp:\($0.destinationAddress):4444" } ?? "tcp:127.0.0.1:0"
     try dst.qmp.execute("migrate-incoming", ["uri": incoming])
@@ -168,7 +174,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
                 case .blackhole: proxy?.set(.pass)
                 case .linkDown: try link?.up()
                 }
-                if !sc.autoRecover {
+                if !sc.autoRecover || qemu {
                     try dst.qmp.execute("migrate-recover", ["uri": destinationAddress])
                     try src.qmp.execute("migrate", ["uri": target, "resume": true])
                 }
@@ -182,7 +188,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     let ram = info["ram"] as? [String: Any] ?? [:]
     let total = qmpNumber(info["total-time"])
     let wire = sc.bandwidth > 0 ? Double(sc.memory) / Double(sc.bandwidth) * 1000 : nil
-    var run = PostcopyRun(scenario: sc.name, memoryBytes: sc.memory, bandwidth: sc.bandwidth, link: sc.netns ? "veth" + (sc.tcRate.map { " tbf \($0)" } ?? "") + (delayed ? String(format: " + %.1f ms delay each way", sc.delayMs!) : "") : "loopback",
+    var run = PostcopyRun(engine: sc.engine, scenario: sc.name, memoryBytes: sc.memory, bandwidth: sc.bandwidth, link: sc.netns ? "veth" + (sc.tcRate.map { " tbf \($0)" } ?? "") + (delayed ? String(format: " + %.1f ms delay each way", sc.delayMs!) : "") : "loopback",
                           preempt: sc.preempt, failure: sc.failure?.rawValue, status: info["status"] as? String ?? "?",
                           totalTimeMs: total, wireLimitMs: wire, totalOverWireLimit: wire.map { Double(total) / $0 },
                           downtimeMs: info["downtime"].map { qmpNumber($0) }, autoSwitched: (ram["x-auto-postcopy"] as? Bool) ?? false,

@@ -18,7 +18,7 @@ struct FerryBench: ParsableCommand {
     @Option(help: "Only scenarios whose name contains this.")
     var filter: String?
 
-    @Option(help: "Suites to run: precopy, postcopy, recovery (comma-separated).")
+    @Option(help: "Suites to run: precopy, postcopy, recovery, compare (Ferry beside QEMU; comma-separated).")
     var suites = "precopy,postcopy,recovery"
 
     func run() throws {
@@ -28,6 +28,7 @@ struct FerryBench: ParsableCommand {
         if wanted.contains("precopy") { try runPrecopySuite() }
         if wanted.contains("postcopy") { try runPostcopySuite(postcopyScenarios(), file: "postcopy") }
         if wanted.contains("recovery") { try runPostcopySuite(recoveryScenarios(), file: "recovery") }
+        if wanted.contains("compare") { try runComparison() }
     }
 
     func runPrecopySuite() throws {
@@ -199,5 +200,98 @@ extension FerryBench {
             md += "| \(sc.name) | \(r0.link) | \(Set(rs.map(\.status)).sorted().joined(separator: "/")) | \(range(rs.compactMap(\.sourceDetectionMs))) | \(range(rs.compactMap(\.destinationDetectionMs))) | \(range(rs.compactMap(\.resumeToActiveMs), 2)) | \(range(rs.compactMap(\.outageMs))) | \(range(rs.compactMap { $0.bitmapBytes.map { Double($0) } })) | \(range(rs.compactMap { $0.pagesResent.map { Double($0) } })) | \(range(rs.map { Double($0.totalTimeMs) })) | \(rs.filter { $0.memoryCheckPassed == true }.count)/\(rs.count) passed |\n"
         }
         return md
+    }
+}
+
+/// One row of the side-by-side report: the same scenario under Ferry and under QEMU.
+struct ComparedRun: Codable {
+    var engine: Engine
+    var scenario: String
+    var status: String
+    var totalTimeMs: UInt64
+    var downtimeMs: UInt64?
+    var blocktimeMs: UInt64?
+    var memoryCheckPassed: Bool?
+    var resumeToActiveMs: Double?
+    var error: String?
+}
+
+extension FerryBench {
+    /// Ferry and QEMU on the same machine, same guest image and RAM size, same parameters,
+    /// both driven over QMP by Ferry's client.
+    func runComparison() throws {
+        let engines: [Engine] = qemuAvailable ? [.ferry, .qemu] : [.ferry]
+        if !qemuAvailable { print("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86): running Ferry's side only") }
+        let work = "/tmp/ferry-bench-\(getpid())"
+        mkdir(work, 0o700)
+        mkdir(output, 0o755)
+        let idle = "\(work)/idle.img"
+        FileManager.default.createFile(atPath: idle, contents: Data(idleGuestBootSector))
+        var runs: [ComparedRun] = []
+        var names: [String] = []
+        func note(_ r: ComparedRun, _ i: Int) {
+            print("\(r.scenario) [\(r.engine.rawValue)] #\(i): \(r.status) total \(r.totalTimeMs) ms, downtime \(r.downtimeMs.map { "\($0)" } ?? "-") ms, blocked \(r.blocktimeMs.map { "\($0)" } ?? "-") ms, resume→active \(r.resumeToActiveMs.map { String(format: "%.2f", $0) } ?? "-") ms, memory \(r.memoryCheckPassed.map { $0 ? "passed" : "FAILED" } ?? "n/a")\(r.error.map { " (\($0))" } ?? "")")
+            fflush(nil)
+        }
+        var precopy: [PrecopyScenario] = []
+        var p = PrecopyScenario(name: "precopy-idle-1GiB-unlimited", memory: 1 << 30, guestImage: idle); precopy.append(p)
+        p = PrecopyScenario(name: "precopy-dirtying-512MiB-unlimited", memory: 512 << 20); precopy.append(p)
+        p = PrecopyScenario(name: "precopy-dirtying-512MiB-1Gbit", memory: 512 << 20); p.maxBandwidth = 125_000_000; p.timeoutSeconds = 20; precopy.append(p)
+        var postcopy: [PostcopyScenario] = []
+        var q = PostcopyScenario(name: "postcopy-512MiB-1Gbit", memory: 512 << 20); postcopy.append(q)
+        q.name += "-preempt"; q.preempt = true; postcopy.append(q)
+        q = PostcopyScenario(name: "postcopy-512MiB-1Gbit-reset-recover", memory: 512 << 20)
+        q.failure = .reset; q.autoRecover = false; q.postcopyAfterMs = 500; q.failureAfterMs = 300; postcopy.append(q)
+        for sc in precopy where filter.map({ sc.name.contains($0) }) ?? true {
+            names.append(sc.name)
+            for e in engines {
+                var x = sc; x.engine = e
+                for i in 1...repetitions {
+                    do {
+                        let r = try runPrecopy(x, directory: "\(work)/\(sc.name)-\(e.rawValue)-\(i)")
+                        let c = ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
+                                            memoryCheckPassed: r.memoryCheckPassed ?? r.sourceIntactAfterCancel, error: r.error)
+                        note(c, i); runs.append(c)
+                    } catch { print("\(sc.name) [\(e.rawValue)] #\(i): harness error: \(error)") }
+                }
+            }
+        }
+        for sc in postcopy where filter.map({ sc.name.contains($0) }) ?? true {
+            names.append(sc.name)
+            for e in engines {
+                var x = sc; x.engine = e
+                for i in 1...repetitions {
+                    do {
+                        let r = try runPostcopy(x, directory: "\(work)/\(sc.name)-\(e.rawValue)-\(i)")
+                        let c = ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
+                                            blocktimeMs: r.blocktimeMs, memoryCheckPassed: r.memoryCheckPassed, resumeToActiveMs: r.resumeToActiveMs, error: r.error)
+                        note(c, i); runs.append(c)
+                    } catch { print("\(sc.name) [\(e.rawValue)] #\(i): harness error: \(error)") }
+                }
+            }
+        }
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(runs).write(to: URL(fileURLWithPath: "\(output)/compare.json"))
+        var md = qemuAvailable ? "" : "QEMU is not installed here: Ferry's side only.\n\n"
+        md += "| scenario | metric | Ferry (median, min-max) | QEMU (median, min-max) | QEMU / Ferry | memory check Ferry / QEMU |\n|---|---|---|---|---|---|\n"
+        for n in names {
+            let f = runs.filter { $0.scenario == n && $0.engine == .ferry }, g = runs.filter { $0.scenario == n && $0.engine == .qemu }
+            func row(_ metric: String, _ v: (ComparedRun) -> Double?) {
+                let fv = f.compactMap(v), gv = g.compactMap(v)
+                guard !fv.isEmpty || !gv.isEmpty else { return }
+                let ratio = (median(fv).flatMap { fm in median(gv).map { gm in fm > 0 ? String(format: "%.2f", gm / fm) : "-" } }) ?? "-"
+                let mem = "\(f.filter { $0.memoryCheckPassed == true }.count)/\(f.count) / \(g.filter { $0.memoryCheckPassed == true }.count)/\(g.count)"
+                md += "| \(n) | \(metric) | \(range(fv)) | \(range(gv)) | \(ratio) | \(mem) |\n"
+            }
+            let statuses = "Ferry: \(Set(f.map(\.status)).sorted().joined(separator: "/")); QEMU: \(Set(g.map(\.status)).sorted().joined(separator: "/"))"
+            row("total ms (\(statuses))") { Double($0.totalTimeMs) }
+            row("downtime ms") { $0.downtimeMs.map { Double($0) } }
+            row("vCPU blocked ms") { $0.blocktimeMs.map { Double($0) } }
+            row("resume → active ms") { $0.resumeToActiveMs }
+        }
+        try md.write(toFile: "\(output)/compare.md", atomically: true, encoding: .utf8)
+        print(md)
+        print("wrote \(output)/compare.json and \(output)/compare.md")
     }
 }
