@@ -33,7 +33,15 @@ public struct PostcopyScenario: Sendable {
     public init(name: String, memory: Int) { self.name = name; self.memory = memory }
 }
 
+/// One sample of the source's query-migrate while a migration runs.
+public struct TimelineSample: Codable, Sendable {
+    public var t: Double // ms since migrate
+    public var bytes: UInt64
+    public var status: String
+}
+
 public struct PostcopyRun: Codable, Sendable {
+    public var timeline: [TimelineSample] = []
     public var engine: Engine = .ferry
     public var scenario: String
     public var memoryBytes: Int
@@ -138,10 +146,15 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     var srcDetect: Double?, dstDetect: Double?
     var healed = false
     var injectedWall: Double = 0
+    var timeline: [TimelineSample] = []
     while true {
         info = try src.qmp.execute("query-migrate") as? [String: Any] ?? [:]
         let status = info["status"] as? String ?? ""
         progress(info, nil)
+        let tNow = ms(Sys.monotonicNanos())
+        if timeline.isEmpty || tNow - timeline.last!.t >= 50 || timeline.last!.status != status {
+            timeline.append(TimelineSample(t: tNow, bytes: qmpNumber((info["ram"] as? [String: Any])?["transferred"]), status: status))
+        }
         if ["completed", "failed", "cancelled"].contains(status) { break }
         let now = Sys.monotonicNanos()
         if Double(now - start) / 1e9 > sc.timeoutSeconds { throw HarnessError("\(sc.name): still \(status) after \(Int(sc.timeoutSeconds)) s") }
@@ -193,8 +206,9 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
                           totalTimeMs: total, wireLimitMs: wire, totalOverWireLimit: wire.map { Double(total) / $0 },
                           downtimeMs: info["downtime"].map { qmpNumber($0) }, autoSwitched: (ram["x-auto-postcopy"] as? Bool) ?? false,
                           requests: qmpNumber(ram["postcopy-requests"]), error: info["error-desc"] as? String)
+    if let b = dinfo["postcopy-blocktime"] { run.blocktimeMs = qmpNumber(b) } // QEMU reports it too
+    run.latencyDistribution = (dinfo["postcopy-latency-dist"] as? [Any])?.map { qmpNumber($0) }
     if let lat = dinfo["x-postcopy-fault-latency"] as? [String: Any] {
-        run.blocktimeMs = qmpNumber(dinfo["postcopy-blocktime"])
         run.faults = Int(qmpNumber(lat["faults"]))
         run.latencyP50Us = (lat["p50-us"] as? NSNumber)?.doubleValue
         run.latencyP99Us = (lat["p99-us"] as? NSNumber)?.doubleValue
@@ -231,6 +245,8 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
         }
         return nil
     }
+    timeline.append(TimelineSample(t: Double(total), bytes: qmpNumber(ram["transferred"]), status: run.status))
+    run.timeline = timeline
     run.sourceDetectionMs = injectedAt == nil ? nil : pausedAt(src) ?? srcDetect
     run.destinationDetectionMs = injectedAt == nil ? nil : pausedAt(dst) ?? dstDetect
     if run.status == "completed" {

@@ -214,6 +214,12 @@ struct ComparedRun: Codable {
     var memoryCheckPassed: Bool?
     var resumeToActiveMs: Double?
     var error: String?
+    var timeline: [TimelineSample]?
+    var latencyDistribution: [UInt64]?
+    var totalOverWireLimit: Double?
+    var latencyP50Us: Double?
+    var latencyP99Us: Double?
+    var faultFloorUs: Double?
 }
 
 extension FerryBench {
@@ -242,6 +248,10 @@ extension FerryBench {
         q.name += "-preempt"; q.preempt = true; postcopy.append(q)
         q = PostcopyScenario(name: "postcopy-512MiB-1Gbit-reset-recover", memory: 512 << 20)
         q.failure = .reset; q.autoRecover = false; q.postcopyAfterMs = 500; q.failureAfterMs = 300; postcopy.append(q)
+        if getuid() == 0 {
+            q = PostcopyScenario(name: "postcopy-512MiB-1Gbit-veth-delay1ms", memory: 512 << 20)
+            q.netns = true; q.tcRate = "1gbit"; q.delayMs = 1; postcopy.append(q)
+        }
         for sc in precopy where filter.map({ sc.name.contains($0) }) ?? true {
             names.append(sc.name)
             for e in engines {
@@ -264,7 +274,9 @@ extension FerryBench {
                     do {
                         let r = try runPostcopy(x, directory: "\(work)/\(sc.name)-\(e.rawValue)-\(i)")
                         let c = ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
-                                            blocktimeMs: r.blocktimeMs, memoryCheckPassed: r.memoryCheckPassed, resumeToActiveMs: r.resumeToActiveMs, error: r.error)
+                                            blocktimeMs: r.blocktimeMs, memoryCheckPassed: r.memoryCheckPassed, resumeToActiveMs: r.resumeToActiveMs, error: r.error,
+                                            timeline: r.timeline, latencyDistribution: r.latencyDistribution, totalOverWireLimit: r.totalOverWireLimit,
+                                            latencyP50Us: r.latencyP50Us, latencyP99Us: r.latencyP99Us, faultFloorUs: r.faultFloorUs)
                         note(c, i); runs.append(c)
                     } catch { print("\(sc.name) [\(e.rawValue)] #\(i): harness error: \(error)") }
                 }
@@ -272,24 +284,54 @@ extension FerryBench {
         }
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        // A filtered run merges into the report: runs of the other scenarios are kept.
+        if filter != nil, let old = try? JSONDecoder().decode([ComparedRun].self, from: Data(contentsOf: URL(fileURLWithPath: "\(output)/compare.json"))) {
+            let fresh = Set(names)
+            let kept = old.filter { !fresh.contains($0.scenario) }
+            runs = kept + runs
+            let all = (precopy.map(\.name) + postcopy.map(\.name))
+            names = all.filter { n in runs.contains { $0.scenario == n } }
+        }
         try enc.encode(runs).write(to: URL(fileURLWithPath: "\(output)/compare.json"))
         var md = qemuAvailable ? "" : "QEMU is not installed here: Ferry's side only.\n\n"
-        md += "| scenario | metric | Ferry (median, min-max) | QEMU (median, min-max) | QEMU / Ferry | memory check Ferry / QEMU |\n|---|---|---|---|---|---|\n"
+        md += "| scenario | metric | Ferry (median, min-max) | QEMU (median, min-max) | QEMU / Ferry | Ferry / physical limit | memory check Ferry / QEMU |\n|---|---|---|---|---|---|---|\n"
         for n in names {
             let f = runs.filter { $0.scenario == n && $0.engine == .ferry }, g = runs.filter { $0.scenario == n && $0.engine == .qemu }
-            func row(_ metric: String, _ v: (ComparedRun) -> Double?) {
+            /// `lowerIsBetter` metrics: a QEMU/Ferry ratio below 1 means Ferry loses, and the row says so.
+            func row(_ metric: String, physical: ((ComparedRun) -> Double?)? = nil, _ v: (ComparedRun) -> Double?) {
                 let fv = f.compactMap(v), gv = g.compactMap(v)
                 guard !fv.isEmpty || !gv.isEmpty else { return }
-                let ratio = (median(fv).flatMap { fm in median(gv).map { gm in fm > 0 ? String(format: "%.2f", gm / fm) : "-" } }) ?? "-"
+                var ratio = "-"
+                if let fm = median(fv), let gm = median(gv), fm > 0, gm > 0 {
+                    ratio = String(format: "%.2f", gm / fm) + (gm < fm ? " **Ferry loses**" : "")
+                }
+                let phys = physical.map { p in range(f.compactMap(p), 2) } ?? "-"
                 let mem = "\(f.filter { $0.memoryCheckPassed == true }.count)/\(f.count) / \(g.filter { $0.memoryCheckPassed == true }.count)/\(g.count)"
-                md += "| \(n) | \(metric) | \(range(fv)) | \(range(gv)) | \(ratio) | \(mem) |\n"
+                md += "| \(n) | \(metric) | \(range(fv)) | \(range(gv)) | \(ratio) | \(phys) | \(mem) |\n"
             }
             let statuses = "Ferry: \(Set(f.map(\.status)).sorted().joined(separator: "/")); QEMU: \(Set(g.map(\.status)).sorted().joined(separator: "/"))"
-            row("total ms (\(statuses))") { Double($0.totalTimeMs) }
+            row("total ms (\(statuses))", physical: { $0.totalOverWireLimit }) { $0.status == "cancelled" && $0.totalTimeMs == 0 ? nil : Double($0.totalTimeMs) }
             row("downtime ms") { $0.downtimeMs.map { Double($0) } }
             row("vCPU blocked ms") { $0.blocktimeMs.map { Double($0) } }
             row("resume → active ms") { $0.resumeToActiveMs }
+            row("fault latency p50 µs (fault → installed)", physical: { r in r.latencyP50Us.flatMap { p in r.faultFloorUs.map { p / $0 } } }) { $0.latencyP50Us }
+            row("fault latency p99 µs", physical: { r in r.latencyP99Us.flatMap { p in r.faultFloorUs.map { p / $0 } } }) { $0.latencyP99Us }
         }
+        // Charts: a timeline per postcopy scenario (first run of each engine) and the
+        // fault-latency histogram.
+        var charts: [String] = []
+        for sc in postcopy where names.contains(sc.name) {
+            let first = engines.compactMap { e in runs.first { $0.scenario == sc.name && $0.engine == e } }
+            let panels = first.compactMap { r in r.timeline.map { (label: "\(r.engine == .ferry ? "Ferry" : "QEMU 7.2"): bytes/s sent, \(r.status) in \(r.totalTimeMs) ms", samples: $0) } }
+            guard !panels.isEmpty else { continue }
+            let tl = "timeline-\(sc.name).svg"
+            try Chart.timeline(title: "\(sc.name): migration timeline", panels: panels).write(toFile: "\(output)/\(tl)", atomically: true, encoding: .utf8)
+            let hist = "latency-\(sc.name).svg"
+            let series = first.map { (label: $0.engine == .ferry ? "Ferry" : "QEMU 7.2", buckets: $0.latencyDistribution) }
+            try Chart.histogram(title: "\(sc.name): postcopy fault latency", series: series).write(toFile: "\(output)/\(hist)", atomically: true, encoding: .utf8)
+            charts += [tl, hist]
+        }
+        if !charts.isEmpty { md += "\nCharts: " + charts.map { "[\($0)](\($0))" }.joined(separator: ", ") + "\n" }
         try md.write(toFile: "\(output)/compare.md", atomically: true, encoding: .utf8)
         print(md)
         print("wrote \(output)/compare.json and \(output)/compare.md")
