@@ -38,6 +38,8 @@ public struct TimelineSample: Codable, Sendable {
     public var t: Double // ms since migrate
     public var bytes: UInt64
     public var status: String
+    /// The guest's dirty rate as last measured by the source (bytes/s; precopy only).
+    public var dirtyBytesPerSecond: UInt64? = nil
 }
 
 public struct PostcopyRun: Codable, Sendable {
@@ -153,7 +155,9 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
         progress(info, nil)
         let tNow = ms(Sys.monotonicNanos())
         if timeline.isEmpty || tNow - timeline.last!.t >= 50 || timeline.last!.status != status {
-            timeline.append(TimelineSample(t: tNow, bytes: qmpNumber((info["ram"] as? [String: Any])?["transferred"]), status: status))
+            let r = info["ram"] as? [String: Any]
+            timeline.append(TimelineSample(t: tNow, bytes: qmpNumber(r?["transferred"]), status: status,
+                                           dirtyBytesPerSecond: r?["dirty-pages-rate"].map { qmpNumber($0) * 4096 }))
         }
         if ["completed", "failed", "cancelled"].contains(status) { break }
         let now = Sys.monotonicNanos()

@@ -52,6 +52,12 @@ enum Chart {
             }
             let pts = all[k].map { "\(String(format: "%.1f", x($0.0))),\(String(format: "%.1f", y($0.1)))" }.joined(separator: " ")
             svg += "<polyline fill='none' stroke='#1f4e9c' stroke-width='1.5' points='\(pts)'/>\n"
+            // The dirty rate the source measured (precopy), dashed.
+            let dirty = s.filter { ($0.dirtyBytesPerSecond ?? 0) > 0 && ($0.status == "active") }
+            if !dirty.isEmpty {
+                let dp = dirty.map { "\(String(format: "%.1f", x($0.t))),\(String(format: "%.1f", y(min(rMax, Double($0.dirtyBytesPerSecond!) / 1e6))))" }.joined(separator: " ")
+                svg += "<polyline fill='none' stroke='#c0504d' stroke-width='1.5' stroke-dasharray='5,3' points='\(dp)'/>\n"
+            }
             svg += "<rect x='\(left)' y='\(y0)' width='\(w - left - 20)' height='\(ph)' fill='none' stroke='#888'/>\n"
             svg += "<text x='\(left)' y='\(y0 - 6)' font-weight='bold'>\(panel.label)</text>\n"
             svg += "<text x='5' y='\(y0 + 12)'>\(Int(rMax)) MB/s</text><text x='5' y='\(y0 + ph)'>0</text>\n"
@@ -62,6 +68,8 @@ enum Chart {
             }
         }
         let legend = [("precopy", "#dbe9f6"), ("switchover", "#e6e6e6"), ("postcopy", "#dff2df"), ("paused", "#f8d7da"), ("recover", "#fde9c8")]
+        svg += "<line x1='\(left + 600)' y1='\(h - 15)' x2='\(left + 625)' y2='\(h - 15)' stroke='#1f4e9c' stroke-width='2'/><text x='\(left + 630)' y='\(h - 10)'>sent MB/s</text>\n"
+        svg += "<line x1='\(left + 700)' y1='\(h - 15)' x2='\(left + 725)' y2='\(h - 15)' stroke='#c0504d' stroke-width='2' stroke-dasharray='5,3'/><text x='\(left + 730)' y='\(h - 10)'>dirty MB/s</text>\n"
         for (i, (name, c)) in legend.enumerated() {
             let lx = left + Double(i) * 120
             svg += "<rect x='\(lx)' y='\(h - 22)' width='14' height='14' fill='\(c)' stroke='#888'/><text x='\(lx + 20)' y='\(h - 10)'>\(name)</text>\n"
