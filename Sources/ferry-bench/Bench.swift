@@ -252,34 +252,37 @@ extension FerryBench {
             q = PostcopyScenario(name: "postcopy-512MiB-1Gbit-veth-delay1ms", memory: 512 << 20)
             q.netns = true; q.tcRate = "1gbit"; q.delayMs = 1; postcopy.append(q)
         }
-        for sc in precopy where filter.map({ sc.name.contains($0) }) ?? true {
-            names.append(sc.name)
+        /// Every engine, `repetitions` times; a run the harness could not finish is reported, not fatal.
+        func measure(_ name: String, _ body: (Engine, String) throws -> ComparedRun) {
+            names.append(name)
             for e in engines {
-                var x = sc; x.engine = e
                 for i in 1...repetitions {
                     do {
-                        let r = try runPrecopy(x, directory: "\(work)/\(sc.name)-\(e.rawValue)-\(i)")
-                        let c = ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
-                                            memoryCheckPassed: r.memoryCheckPassed ?? r.sourceIntactAfterCancel, error: r.error)
-                        note(c, i); runs.append(c)
-                    } catch { print("\(sc.name) [\(e.rawValue)] #\(i): harness error: \(error)") }
+                        let c = try body(e, "\(work)/\(name)-\(e.rawValue)-\(i)")
+                        note(c, i)
+                        runs.append(c)
+                    } catch { print("\(name) [\(e.rawValue)] #\(i): harness error: \(error)") }
                 }
             }
         }
+        for sc in precopy where filter.map({ sc.name.contains($0) }) ?? true {
+            measure(sc.name) { e, dir in
+                var x = sc
+                x.engine = e
+                let r = try runPrecopy(x, directory: dir)
+                return ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
+                                   memoryCheckPassed: r.memoryCheckPassed ?? r.sourceIntactAfterCancel, error: r.error)
+            }
+        }
         for sc in postcopy where filter.map({ sc.name.contains($0) }) ?? true {
-            names.append(sc.name)
-            for e in engines {
-                var x = sc; x.engine = e
-                for i in 1...repetitions {
-                    do {
-                        let r = try runPostcopy(x, directory: "\(work)/\(sc.name)-\(e.rawValue)-\(i)")
-                        let c = ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
-                                            blocktimeMs: r.blocktimeMs, memoryCheckPassed: r.memoryCheckPassed, resumeToActiveMs: r.resumeToActiveMs, error: r.error,
-                                            timeline: r.timeline, latencyDistribution: r.latencyDistribution, totalOverWireLimit: r.totalOverWireLimit,
-                                            latencyP50Us: r.latencyP50Us, latencyP99Us: r.latencyP99Us, faultFloorUs: r.faultFloorUs)
-                        note(c, i); runs.append(c)
-                    } catch { print("\(sc.name) [\(e.rawValue)] #\(i): harness error: \(error)") }
-                }
+            measure(sc.name) { e, dir in
+                var x = sc
+                x.engine = e
+                let r = try runPostcopy(x, directory: dir)
+                return ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
+                                   blocktimeMs: r.blocktimeMs, memoryCheckPassed: r.memoryCheckPassed, resumeToActiveMs: r.resumeToActiveMs, error: r.error,
+                                   timeline: r.timeline, latencyDistribution: r.latencyDistribution, totalOverWireLimit: r.totalOverWireLimit,
+                                   latencyP50Us: r.latencyP50Us, latencyP99Us: r.latencyP99Us, faultFloorUs: r.faultFloorUs)
             }
         }
         let enc = JSONEncoder()
