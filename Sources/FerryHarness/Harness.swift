@@ -13,44 +13,43 @@ public final class FerryProcess: @unchecked Sendable {
     public let serialPath: String
     public let qmp: QMPClient
 
-    /// `namespace`: run inside that network namespace (`ip netns exec`).
-    public init(executable: String, directory: String, name: String, arguments: [String], namespace: String? = nil) throws {
+    /// Starts `program` with the arguments `makeArguments(qmpPath, serialPath)` builds, inside
+    /// `namespace` when given (`ip netns exec`), and connects to its QMP socket with events on.
+    private init(directory: String, name: String, program: String, namespace: String?,
+                 makeArguments: (_ qmp: String, _ serial: String) -> [String]) throws {
         qmpPath = "\(directory)/\(name).qmp"
         serialPath = "\(directory)/\(name)-serial.log"
         unlink(qmpPath)
-        let args = ["run", "--qmp", qmpPath, "--serial", serialPath] + arguments
+        let args = makeArguments(qmpPath, serialPath)
         if let namespace {
-            pid = try spawn("/usr/sbin/ip", ["netns", "exec", namespace, executable] + args)
+            pid = try spawn("/usr/sbin/ip", ["netns", "exec", namespace, program] + args)
         } else {
-            pid = try spawn(executable, args)
+            pid = try spawn(program, args)
         }
         qmp = try QMPClient(path: qmpPath)
         try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
     }
 
+    /// A `ferry run` process; `namespace`: run inside that network namespace.
+    public convenience init(executable: String, directory: String, name: String, arguments: [String], namespace: String? = nil) throws {
+        try self.init(directory: directory, name: name, program: executable, namespace: namespace) { qmp, serial in
+            ["run", "--qmp", qmp, "--serial", serial] + arguments
+        }
+    }
+
     /// The same guest under QEMU (`qemu-system-x86_64`, KVM), for side-by-side numbers: the
     /// test guest image of that RAM size (or `image`), serial to a file, QMP on a socket.
-    public init(qemuDirectory directory: String, name: String, memory: Int, image: String?, incoming: Bool, namespace: String? = nil) throws {
-        qmpPath = "\(directory)/\(name).qmp"
-        serialPath = "\(directory)/\(name)-serial.log"
-        unlink(qmpPath)
+    public convenience init(qemuDirectory directory: String, name: String, memory: Int, image: String?, incoming: Bool, namespace: String? = nil) throws {
         var img = image ?? ""
         if image == nil {
             img = "\(directory)/\(name)-guest.img"
             FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(forMemory: memory)))
         }
-        var args = ["-machine", "pc,accel=kvm", "-m", "\(memory >> 20)M", "-drive", "file=\(img),format=raw,if=ide",
-                    "-display", "none", "-vga", "none", "-nodefaults", "-serial", "file:\(serialPath)",
-                    "-qmp", "unix:\(qmpPath),server=on,wait=off"]
-        if incoming { args += ["-incoming", "defer"] }
-        let qemu = "/usr/bin/qemu-system-x86_64"
-        if let namespace {
-            pid = try spawn("/usr/sbin/ip", ["netns", "exec", namespace, qemu] + args)
-        } else {
-            pid = try spawn(qemu, args)
+        try self.init(directory: directory, name: name, program: "/usr/bin/qemu-system-x86_64", namespace: namespace) { qmp, serial in
+            ["-machine", "pc,accel=kvm", "-m", "\(memory >> 20)M", "-drive", "file=\(img),format=raw,if=ide",
+             "-display", "none", "-vga", "none", "-nodefaults", "-serial", "file:\(serial)",
+             "-qmp", "unix:\(qmp),server=on,wait=off"] + (incoming ? ["-incoming", "defer"] : [])
         }
-        qmp = try QMPClient(path: qmpPath)
-        try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
     }
 
     /// SIGTERM, then SIGKILL if the process has not gone within 5 s.

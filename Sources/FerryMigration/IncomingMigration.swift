@@ -343,7 +343,8 @@ extension IncomingMigration {
     private func faultLoop(_ u: Userfaultfd, _ block: RAMBlock) {
         let base = UInt64(UInt(bitPattern: block.host))
         let pollIn = Int16(POLLIN)
-        let vcpu = machine.vcpuThreadID
+        // The vCPU thread starts at RUN, after this thread: learn its id on the first fault after.
+        var vcpu: UInt32 = 0
         while true {
             var fds: [pollfd] = [pollfd(fd: u.fd, events: pollIn, revents: 0), pollfd(fd: faultStop, events: pollIn, revents: 0)]
             if poll(&fds, 2, -1) < 0 { if errno == EINTR { continue }; return }
@@ -355,7 +356,8 @@ extension IncomingMigration {
                 guard case let .pageFault(address, _, tid) = event, address >= base else { continue }
                 let page = Int((address - base) >> 12)
                 guard page < block.pageCount, !received.test(page) else { continue }
-                faults.faulted(page: page, vcpu: tid == (vcpu != 0 ? vcpu : machine.vcpuThreadID))
+                if vcpu == 0 { vcpu = machine.vcpuThreadID }
+                faults.faulted(page: page, vcpu: tid == vcpu)
                 if !requested.testAndSet(page) { requestPage(page, block) }
                 // Installed between our check and the record: resolve it now.
                 if received.test(page) { faults.installed(page: page) }
