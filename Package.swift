@@ -8,6 +8,8 @@ import PackageDescription
 //   FerryKVM       Kvm -> VirtualMachine -> VCPU, vCPU state, dirty log
 //   FerryMachine   a running VM: vCPU thread, serial port, guest loading
 //   FerryWire      pure stream codec (no I/O)
+//   COpenSSL       OpenSSL's headers and wrappers for its macros (libssl-dev)
+//   FerryTLS       TLS credentials (x509 directory, PSK) and sessions over a socket
 //   FerryMigration state machine, source, destination, channels
 //   FerryQMP       QMP server and client
 //   FerryHarness   drives whole ferry processes over QMP (demo, benchmarks)
@@ -30,8 +32,10 @@ let package = Package(
         .target(name: "FerryKVM", dependencies: ["FerrySys", "FerryMemory", "CFerry"]),
         .target(name: "FerryMachine", dependencies: ["FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
         .target(name: "FerryWire", dependencies: []),
-        .target(name: "FerryMigration", dependencies: ["FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
-        .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryMachine", "FerrySys", "CFerry"]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        .target(name: "FerryTLS", dependencies: ["COpenSSL", "FerrySys"]),
+        .target(name: "FerryMigration", dependencies: ["FerryTLS", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
+        .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryTLS", "FerryMachine", "FerrySys", "CFerry"]),
         .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys", "CFerry"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryHarness", "FerryQMP", "FerryMigration", "FerryMachine", "FerryMemory", "FerrySys",

@@ -1,5 +1,6 @@
 import CFerry
 import FerrySys
+import FerryTLS
 import FerryWire
 import Glibc
 
@@ -12,6 +13,12 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     public let isSocket: Bool
     /// A child process behind an exec: channel, reaped on close.
     var childPID: pid_t = 0
+    /// TLS on this socket (set by `Transport` right after the handshake, before any other
+    /// use). Reads and writes then go through it; the fd stays ours.
+    public private(set) var tls: TLSSession?
+    /// TLS writes gather headers and pages here: one record per 16 KiB, not one per iovec.
+    private var tlsGather: UnsafeMutableRawPointer?
+    private let tlsGatherCapacity = 64 << 10
 
     // read side
     private let readBuffer: UnsafeMutableRawPointer
@@ -57,6 +64,12 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         close()
         readBuffer.deallocate()
         staging.deallocate()
+        tlsGather?.deallocate()
+    }
+
+    func attach(_ session: TLSSession) {
+        tls = session
+        tlsGather = .allocate(byteCount: tlsGatherCapacity, alignment: 64)
     }
 
     /// Closes the fd (once) and reaps an exec child.
@@ -64,6 +77,8 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         closeLock.withLock {
             guard !closed else { return }
             closed = true
+            tls?.sendCloseNotify()
+            tls?.free()
             Sys.close(fd)
             if childPID > 0 {
                 var status: Int32 = 0
@@ -116,6 +131,17 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
 
     private func rawRead(_ p: UnsafeMutableRawPointer, _ n: Int) throws -> Int {
         let timeout = readTimeoutMs
+        if let tls {
+            do {
+                let r = try tls.read(p, n, timeoutMs: timeout)
+                bytesRead += UInt64(r)
+                return r
+            } catch let e as TLSError where e.code == .timeout {
+                throw MigrationError(.timeout, "no data from the peer on \(description) for \(timeout) ms: link presumed down")
+            } catch {
+                throw MigrationError(.io, "read from \(description) failed", cause: error)
+            }
+        }
         if timeout > 0 {
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             while true {
@@ -171,6 +197,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     public var pendingBytes: Int { iovecs.reduce(0) { $0 + $1.iov_len } }
 
     public func flush() throws {
+        if tls != nil { return try flushTLS() }
         var first = 0
         while first < iovecs.count {
             let n = iovecs.withUnsafeMutableBufferPointer { v in
@@ -199,6 +226,28 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         stagingUsed = 0
     }
 
+    /// Copies the queued iovecs into 64 KiB runs and hands each to TLS (which encrypts a
+    /// copy anyway): a page header and its page become one record, not two.
+    private func flushTLS() throws {
+        guard let tls, let gather = tlsGather else { return }
+        defer { iovecs.removeAll(keepingCapacity: true); stagingUsed = 0 }
+        var used = 0
+        do {
+            for v in iovecs {
+                var off = 0
+                while off < v.iov_len {
+                    let k = min(v.iov_len - off, tlsGatherCapacity - used)
+                    (gather + used).copyMemory(from: v.iov_base! + off, byteCount: k)
+                    used += k; off += k
+                    if used == tlsGatherCapacity { try tls.write(gather, used); bytesWritten += UInt64(used); used = 0 }
+                }
+            }
+            if used > 0 { try tls.write(gather, used); bytesWritten += UInt64(used) }
+        } catch {
+            throw MigrationError(.io, "write to \(description) failed", cause: error)
+        }
+    }
+
     /// TCP keep-alive probes and TCP_USER_TIMEOUT, so the kernel too gives up on a dead peer
     /// within about `timeoutMs` (a blocked send fails with ETIMEDOUT instead of waiting ~15 min).
     public func setLiveness(timeoutMs: Int32) {
@@ -220,7 +269,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
 
     /// Waits up to `timeoutMs` for input; true when readable (or buffered).
     public func waitReadable(timeoutMs: Int32) -> Bool {
-        if bufferedCount > 0 { return true }
+        if bufferedCount > 0 || (tls?.pending ?? 0) > 0 { return true }
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         return poll(&p, 1, timeoutMs) > 0
     }

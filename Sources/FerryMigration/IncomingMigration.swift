@@ -3,6 +3,7 @@ import FerryKVM
 import FerryMachine
 import FerryMemory
 import FerrySys
+import FerryTLS
 import FerryWire
 import Glibc
 
@@ -16,6 +17,8 @@ final class IncomingMigration: @unchecked Sendable {
     let machine: Machine
     let listener: MigrationListener
     let layout: RAMLayout
+    /// Server credentials every accepted channel must complete a handshake with, or nil.
+    let tls: TLSCredentials?
 
     private let lock = Monitor()
     /// Serialises return-path writers (main, fault and preempt threads), apart from `lock`
@@ -52,12 +55,13 @@ final class IncomingMigration: @unchecked Sendable {
     private var guestStarted = false
     private var pauseRequested = false
 
-    init(host: VMHost, uri: MigrationURI, capabilities: Set<MigrationCapability>) throws {
+    init(host: VMHost, uri: MigrationURI, capabilities: Set<MigrationCapability>, tls: TLSCredentials?) throws {
         self.host = host
         self.uri = uri
         self.capabilities = capabilities
+        self.tls = tls
         self.machine = host.machine
-        self.listener = try MigrationListener(uri)
+        self.listener = try MigrationListener(uri, tls: tls)
         self.layout = RAMLayout(blocks: host.machine.memory.blocks.map { .init(name: $0.name, length: UInt64($0.length)) })
         self.received = PageBitmap(bitCount: host.machine.ram.pageCount)
         self.requested = PageBitmap(bitCount: host.machine.ram.pageCount)
@@ -116,6 +120,7 @@ final class IncomingMigration: @unchecked Sendable {
 
     /// Heartbeat (the source pings every 250 ms) and keep-alive on a socket channel.
     private func configure(_ ch: MigrationChannel) {
+        if let s = ch.tls { lock.withLock { _stats.tls = "\(s.version) \(s.cipher)" } }
         let t = Int32(clamping: host.parameters.heartbeatTimeout)
         guard ch.isSocket, t > 0 else { return }
         ch.setLiveness(timeoutMs: t)
@@ -159,7 +164,9 @@ final class IncomingMigration: @unchecked Sendable {
     private func refuseRecovery() {
         let l = listener
         _ = try? KernelThread(name: "mig/dst/refuse") {
-            while let ch = try? l.accept() {
+            while true {
+                let ch: MigrationChannel
+                do { ch = try l.accept() } catch let e as MigrationError where e.code == .tls { continue } catch { return }
                 var b = WireBuffer(capacity: 8)
                 b.rpShut(1)
                 try? ch.write(b)
@@ -529,7 +536,12 @@ extension IncomingMigration {
                 }
             }
             guard l.waitForConnection(timeoutMs: 100) else { continue }
-            guard let ch = try? l.accept() else { continue }
+            let ch: MigrationChannel
+            do { ch = try l.accept() } catch {
+                // A peer that fails the TLS handshake does not end the pause; say why it was refused.
+                lock.withLock { _stats.errorDescription = "\(error)" }
+                continue
+            }
             configure(ch)
             lock.withLock {
                 channel = ch
@@ -547,7 +559,7 @@ extension IncomingMigration {
         guard status == .postcopyPaused else { throw MigrationError(.state, "Migrate recover can only be run when postcopy is paused.") }
         // The original address (the old port) is still ours: reuse its listener.
         let same = uri == listener.boundURI || uri == listener.uri
-        let l = same ? listener : try MigrationListener(uri)
+        let l = same ? listener : try MigrationListener(uri, tls: tls)
         let old: MigrationListener? = lock.withLock {
             defer { recoveryListener = l; lock.broadcast() }
             return recoveryListener

@@ -4,7 +4,7 @@ import FerryWire
 /// The migration layer's one error type.
 public struct MigrationError: Error, CustomStringConvertible, Sendable {
     public enum Code: String, Sendable {
-        case badURI, connect, io, closed, protocolError, state, cancelled, config, unsupported, timeout
+        case badURI, connect, io, closed, protocolError, state, cancelled, config, unsupported, timeout, tls
     }
     public let code: Code
     public let message: String

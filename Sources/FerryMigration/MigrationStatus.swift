@@ -75,6 +75,10 @@ public struct MigrationParameters: Sendable, Equatable {
     /// Ferry: with `postcopy-ram`, switch to postcopy by itself after this many dirty-sync
     /// passes in a row that did not shrink the rest by a tenth. 0 = never.
     public var postcopyAutoSwitchPasses: UInt64 = 0
+    /// Id of the TLS credentials object every migration channel uses; "" = no TLS.
+    public var tlsCreds: String = ""
+    /// The name the destination's certificate must carry; "" = the host of the URI.
+    public var tlsHostname: String = ""
     public init() {}
 }
 
@@ -116,6 +120,8 @@ public struct MigrationStats: Sendable {
     public var faults: PostcopyFaultReport?
     public var errorDescription: String?
     public var socketAddress: MigrationURI?
+    /// The TLS protocol and cipher of the last channel opened, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384".
+    public var tls: String?
 
     public var totalTimeMs: UInt64 {
         guard startNanos > 0 else { return 0 }

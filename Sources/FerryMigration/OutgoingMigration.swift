@@ -58,6 +58,8 @@ final class OutgoingMigration: @unchecked Sendable {
 
     /// Pages still to send in this pass (set = dirty).
     let toSend: PageBitmap
+    /// TLS on every channel of this migration (main, urgent, recovery), or nil.
+    let tls: ChannelSecurity?
     private var cursor = 0
     private var header = WireBuffer(capacity: 512)
     static let ramSectionID: UInt32 = 0
@@ -67,8 +69,9 @@ final class OutgoingMigration: @unchecked Sendable {
     private var windowStart: UInt64 = 0
     private var windowBytes: UInt64 = 0
 
-    init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>) {
+    init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
         self.host = host
+        self.tls = tls
         self.uri = uri
         self._parameters = parameters
         self.capabilities = capabilities
@@ -154,7 +157,7 @@ final class OutgoingMigration: @unchecked Sendable {
     private func run() {
         var stopNanos: UInt64 = 0
         do {
-            let ch = try Transport.connect(uri)
+            let ch = try Transport.connect(uri, tls: tls)
             configure(ch)
             let cancelled: Bool = lock.withLock { channel = ch; return cancelRequested }
             if cancelled { throw MigrationError(.cancelled, "migration cancelled") }
@@ -406,6 +409,7 @@ final class OutgoingMigration: @unchecked Sendable {
 
     /// Heartbeat and keep-alive settings for a socket channel.
     private func configure(_ ch: MigrationChannel) {
+        if let s = ch.tls { updateStats { $0.tls = "\(s.version) \(s.cipher)" } }
         let t = Int32(clamping: parameters.heartbeatTimeout)
         guard ch.isSocket, t > 0 else { return }
         ch.setLiveness(timeoutMs: t)
@@ -451,7 +455,7 @@ final class OutgoingMigration: @unchecked Sendable {
         try ch.flush()
         // The urgent channel is the second connection; the destination accepts it at LISTEN.
         if capabilities.contains(.postcopyPreempt) {
-            let pc = try Transport.connect(uri)
+            let pc = try Transport.connect(uri, tls: tls)
             configure(pc)
             pc.readTimeoutMs = 0
             lock.withLock { preempt = pc; preemptNamed = false }
@@ -611,7 +615,7 @@ final class OutgoingMigration: @unchecked Sendable {
             setStatus(.postcopyRecoverSetup)
             var newChannel: MigrationChannel?
             do {
-                let ch = try Transport.connect(target)
+                let ch = try Transport.connect(target, tls: tls)
                 configure(ch)
                 newChannel = ch
                 lock.withLock { channel = ch; recoverBitmap = nil; resumeAcked = false }
@@ -670,16 +674,18 @@ final class OutgoingMigration: @unchecked Sendable {
             $0.remaining = UInt64(after) * 4096
         }
         cursor = 0
-        if capabilities.contains(.postcopyPreempt) {
-            let pc = try Transport.connect(target)
-            configure(pc)
-            pc.readTimeoutMs = 0
-            lock.withLock { preempt = pc; preemptNamed = false }
-        }
         header.removeAll()
         header.command(.postcopyResume)
         try ch.write(header)
         try ch.flush()
+        // The destination accepts the new urgent channel when it reads POSTCOPY_RESUME, and
+        // acks after: with TLS the channel's handshake needs that accept, so it comes second.
+        if capabilities.contains(.postcopyPreempt) {
+            let pc = try Transport.connect(target, tls: tls)
+            configure(pc)
+            pc.readTimeoutMs = 0
+            lock.withLock { preempt = pc; preemptNamed = false }
+        }
         _ = try waitRecovery(seconds: 30) { resumeAcked ? true : nil }
     }
 

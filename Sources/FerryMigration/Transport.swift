@@ -1,5 +1,18 @@
 import FerrySys
+import FerryTLS
 import Glibc
+
+/// A migration's TLS: the credentials object `tls-creds` names and the name the
+/// destination's certificate must carry (`tls-hostname`, else the URI's host).
+public struct ChannelSecurity: Sendable {
+    public let credentials: TLSCredentials
+    public let hostname: String?
+    public init(credentials: TLSCredentials, hostname: String?) {
+        self.credentials = credentials; self.hostname = hostname
+    }
+    /// How long a TLS handshake may take before the connection counts as failed.
+    static let handshakeTimeoutMs: Int32 = 10_000
+}
 
 /// A migration address as QEMU spells it: `tcp:HOST:PORT`, `unix:PATH`, `exec:COMMAND`,
 /// `file:PATH`.
@@ -94,8 +107,21 @@ enum Socket {
 }
 
 public enum Transport {
-    /// Opens the outgoing channel for `uri`.
-    public static func connect(_ uri: MigrationURI) throws -> MigrationChannel {
+    /// Opens the outgoing channel for `uri`; with `tls`, completes a TLS handshake on it first.
+    public static func connect(_ uri: MigrationURI, tls: ChannelSecurity? = nil) throws -> MigrationChannel {
+        if let tls {
+            guard uri.isBidirectional else { throw MigrationError(.config, "TLS needs a tcp: or unix: migration address, not \(uri)") }
+            let ch = try connect(uri)
+            var name = tls.hostname
+            if name == nil, case let .tcp(host, _) = uri { name = host }
+            do {
+                ch.attach(try TLSSession.client(fd: ch.fd, credentials: tls.credentials, expectedName: name, timeoutMs: ChannelSecurity.handshakeTimeoutMs))
+            } catch {
+                ch.close()
+                throw MigrationError(.tls, "TLS with \(uri) failed", cause: error)
+            }
+            return ch
+        }
         switch uri {
         case .tcp, .unix:
             return try Socket.withAddress(uri) { addr, len, family in
@@ -149,14 +175,18 @@ public enum Transport {
 /// The destination's side of an address: accepts the incoming channel(s).
 public final class MigrationListener: @unchecked Sendable {
     public let uri: MigrationURI
+    /// With credentials, every accepted connection must complete a TLS handshake.
+    public let tls: TLSCredentials?
     private let fd: Int32
     private var closed = false
     private let lock = Monitor()
     /// The bound address (with the real port when the URI asked for port 0).
     public private(set) var boundURI: MigrationURI
 
-    public init(_ uri: MigrationURI) throws {
+    public init(_ uri: MigrationURI, tls: TLSCredentials? = nil) throws {
+        if tls != nil && !uri.isBidirectional { throw MigrationError(.config, "TLS needs a tcp: or unix: migration address, not \(uri)") }
         self.uri = uri
+        self.tls = tls
         self.boundURI = uri
         switch uri {
         case .tcp, .unix:
@@ -187,7 +217,21 @@ public final class MigrationListener: @unchecked Sendable {
     deinit { close() }
 
     /// Blocks until a peer connects (or, for exec/file, opens the source of the stream).
+    /// With TLS, the handshake completes here; a peer that fails it (a plain client, a
+    /// certificate we do not trust) is an error of code `.tls`, and the listener stays open.
     public func accept() throws -> MigrationChannel {
+        let ch = try acceptRaw()
+        guard let tls else { return ch }
+        do {
+            ch.attach(try TLSSession.server(fd: ch.fd, credentials: tls, timeoutMs: ChannelSecurity.handshakeTimeoutMs))
+            return ch
+        } catch {
+            ch.close()
+            throw MigrationError(.tls, "refused a connection on \(uri)", cause: error)
+        }
+    }
+
+    private func acceptRaw() throws -> MigrationChannel {
         switch uri {
         case .tcp, .unix:
             while true {

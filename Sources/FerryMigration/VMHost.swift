@@ -2,6 +2,7 @@ import FerryKVM
 import FerryMachine
 import FerryMemory
 import FerrySys
+import FerryTLS
 import FerryWire
 
 /// QEMU's run states as `query-status` reports them.
@@ -22,6 +23,8 @@ public final class VMHost: @unchecked Sendable {
     private var outgoing: OutgoingMigration?
     private var incoming: IncomingMigration?
     private var subscribers: [@Sendable (MigrationEvent) -> Void] = []
+    /// QOM-style objects by id: the TLS credentials `tls-creds` may name.
+    private var tlsObjects: [String: TLSCredentials] = [:]
 
     /// `incoming`: the VM waits for a migration stream instead of booting a guest.
     public init(machine: Machine, incoming: Bool) {
@@ -75,6 +78,39 @@ public final class VMHost: @unchecked Sendable {
         lock.withLock { outgoing }?.updateParameters(p)
     }
 
+    // MARK: TLS credentials (QMP object-add / object-del)
+
+    public func addObject(_ creds: TLSCredentials) throws {
+        try lock.withLock {
+            guard tlsObjects[creds.id] == nil else { throw MigrationError(.config, "attempt to add duplicate property '\(creds.id)' to object (type 'container')") }
+            tlsObjects[creds.id] = creds
+        }
+    }
+
+    public func deleteObject(id: String) throws {
+        let inUse = migrationRunning && parameters.tlsCreds == id
+        try lock.withLock {
+            guard tlsObjects[id] != nil else { throw MigrationError(.config, "object '\(id)' not found") }
+            guard !inUse else { throw MigrationError(.state, "object '\(id)' is in use by the running migration, can not be deleted") }
+            tlsObjects[id] = nil
+        }
+    }
+
+    public var objects: [TLSCredentials] { lock.withLock { Array(tlsObjects.values) } }
+
+    /// The TLS a new migration uses, from `tls-creds` / `tls-hostname`; nil without TLS.
+    func channelSecurity(_ endpoint: TLSEndpoint) throws -> ChannelSecurity? {
+        let p = parameters
+        guard !p.tlsCreds.isEmpty else { return nil }
+        guard let c = lock.withLock({ tlsObjects[p.tlsCreds] }) else {
+            throw MigrationError(.config, "No TLS credentials with id '\(p.tlsCreds)'")
+        }
+        guard c.endpoint == endpoint else {
+            throw MigrationError(.config, "Expecting TLS credentials with a \(endpoint.rawValue) endpoint (object '\(c.id)' has endpoint=\(c.endpoint.rawValue))")
+        }
+        return ChannelSecurity(credentials: c, hostname: p.tlsHostname.isEmpty ? nil : p.tlsHostname)
+    }
+
     // MARK: run control
 
     /// Starts the guest the first time (prelaunch) or resumes it after `stop`.
@@ -122,6 +158,8 @@ public final class VMHost: @unchecked Sendable {
             try o.resume(uri)
             return
         }
+        let tls = try channelSecurity(.client)
+        if tls != nil && !uri.isBidirectional { throw MigrationError(.config, "TLS needs a tcp: or unix: migration address, not \(uri)") }
         let m: OutgoingMigration = try lock.withLock {
             // A VM that arrived by migration may leave again once its incoming migration completed.
             if let i = incoming, i.status != .completed { throw MigrationError(.state, "this VM is a migration destination (incoming \(i.status.rawValue))") }
@@ -129,7 +167,7 @@ public final class VMHost: @unchecked Sendable {
             guard _runState == .running || _runState == .paused else {
                 throw MigrationError(.state, "cannot migrate a VM in state \(_runState.rawValue)")
             }
-            let m = OutgoingMigration(host: self, uri: uri, parameters: _parameters, capabilities: _capabilities)
+            let m = OutgoingMigration(host: self, uri: uri, parameters: _parameters, capabilities: _capabilities, tls: tls)
             outgoing = m
             return m
         }
@@ -139,10 +177,11 @@ public final class VMHost: @unchecked Sendable {
 
     public func migrateIncoming(uri text: String) throws {
         let uri = try MigrationURI(text)
+        let tls = try channelSecurity(.server)
         let m: IncomingMigration = try lock.withLock {
             guard _runState == .inmigrate else { throw MigrationError(.state, "'-incoming' was not specified on the command line") }
             if incoming != nil { throw MigrationError(.state, "The incoming migration has already been started") }
-            let m = try IncomingMigration(host: self, uri: uri, capabilities: _capabilities)
+            let m = try IncomingMigration(host: self, uri: uri, capabilities: _capabilities, tls: tls?.credentials)
             incoming = m
             return m
         }

@@ -11,6 +11,7 @@ enum QMPCommands {
         "qmp_capabilities", "query-version", "query-commands", "query-status", "stop", "cont", "quit", "pmemsave",
         "migrate", "migrate-incoming", "migrate_cancel", "migrate-start-postcopy", "migrate-pause", "migrate-recover", "query-migrate",
         "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters", "query-migrate-parameters",
+        "object-add", "object-del", "qom-list-types",
     ]
 
     static func run(_ name: String, _ args: [String: Any], host: VMHost) throws -> Any {
@@ -54,6 +55,14 @@ enum QMPCommands {
             return [String: Any]()
         case "query-migrate":
             return queryMigrate(host)
+        case "object-add":
+            try host.addObject(try QOMObjects.create(args))
+            return [String: Any]()
+        case "object-del":
+            try host.deleteObject(id: try string(args, "id"))
+            return [String: Any]()
+        case "qom-list-types":
+            return ["tls-creds-x509", "tls-creds-psk"].map { ["name": $0, "parent": "tls-creds"] }
         case "migrate-set-capabilities":
             guard let list = args["capabilities"] as? [[String: Any]] else {
                 throw QMPError("Parameter 'capabilities' is missing or not a list")
@@ -84,6 +93,11 @@ enum QMPCommands {
                     case "heartbeat-timeout": p.heartbeatTimeout = try uint(v, k)
                     case "auto-recover-timeout": p.autoRecoverTimeout = try uint(v, k)
                     case "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses = try uint(v, k)
+                    // QEMU takes a string here ("" = off); a null also turns TLS off.
+                    case "tls-creds": p.tlsCreds = v is NSNull ? "" : try string(args, k)
+                    case "tls-hostname": p.tlsHostname = v is NSNull ? "" : try string(args, k)
+                    case "tls-authz":
+                        guard v is NSNull || (v as? String) == "" else { throw QMPError("Parameter 'tls-authz' is not supported by Ferry (authorize clients by certificate: verify-peer)") }
                     default: throw QMPError("Parameter '\(k)' is unexpected")
                     }
                 }
@@ -93,7 +107,7 @@ enum QMPCommands {
             let p = host.parameters
             return ["max-bandwidth": p.maxBandwidth, "downtime-limit": p.downtimeLimit, "max-postcopy-bandwidth": p.maxPostcopyBandwidth,
                     "heartbeat-timeout": p.heartbeatTimeout, "auto-recover-timeout": p.autoRecoverTimeout,
-                    "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses]
+                    "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses, "tls-creds": p.tlsCreds, "tls-hostname": p.tlsHostname, "tls-authz": ""]
         default:
             throw QMPError("The command \(name) has not been found", class: "CommandNotFound")
         }
@@ -118,6 +132,7 @@ enum QMPCommands {
             if let v = s.lastOutageMs { rec["last-outage-ms"] = v }
             r["x-postcopy-recovery"] = rec
         }
+        if let t = s.tls { r["x-tls"] = t }
         if let a = s.socketAddress {
             switch a {
             case let .tcp(h, p): r["socket-address"] = [["type": "inet", "host": h, "port": String(p)]]

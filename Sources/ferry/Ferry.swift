@@ -91,6 +91,9 @@ struct Run: ParsableCommand {
     @Flag(name: [.customShort("S"), .long], help: "Do not start the guest until QMP 'cont'.")
     var paused = false
 
+    @Option(name: .customLong("object"), help: "Create an object as QMP object-add would, e.g. tls-creds-x509,id=tls0,dir=PATH,endpoint=server (repeatable).")
+    var objects: [String] = []
+
     func run() throws {
         let waitForSignal = blockTerminationSignals()
         let host: VMHost
@@ -98,6 +101,7 @@ struct Run: ParsableCommand {
         do {
             let machine = try Machine(memorySize: memory.bytes, serial: serial)
             host = VMHost(machine: machine, incoming: incoming != nil)
+            for o in objects { try host.addObject(try QOMObjects.create(try QOMObjects.parseCommandLine(o))) }
             if let qmp {
                 server = try QMPServer(path: qmp, host: host)
                 server?.onQuit = { kill(getpid(), SIGTERM) }
