@@ -36,6 +36,7 @@ final class OutgoingMigration: @unchecked Sendable {
     /// Page requests from the destination, served ahead of the background stream (without
     /// postcopy-preempt; with it the return-path thread sends them itself).
     private var requests: [Range<Int>] = []
+    static let maxQueuedRequests = 65_536
     private var lastRequestBlock: String?
     private var postcopyRequestCount: UInt64 = 0
     /// Where the background scan should continue: just after the last requested page.
@@ -803,12 +804,11 @@ final class OutgoingMigration: @unchecked Sendable {
                     case let .requestPages(blockName, offset, length):
                         let name = blockName ?? lock.withLock { lastRequestBlock }
                         guard name == block.name else { throw MigrationError(.protocolError, "page request for unknown RAM block \(name ?? "(none)")") }
-                        guard offset & 4095 == 0, length > 0, length & 4095 == 0, block.contains(offset: offset, count: Int(length)) else {
-                            throw MigrationError(.protocolError, "page request \(offset)+\(length) outside \(block.name)")
+                        let pages: Range<Int>
+                        do { pages = try PageRequest(block: name, offset: offset, length: length).pages(blockLength: UInt64(block.length)) } catch {
+                            throw MigrationError(.protocolError, "bad page request from the destination", cause: error)
                         }
-                        let first = Int(offset >> 12)
-                        let count = Int(length >> 12)
-                        try serveRequest(first..<first + count, name: name)
+                        try serveRequest(pages, name: name)
                     case .receivedBitmap(let name):
                         let expecting = lock.withLock { _stats.status == .postcopyRecover && recoverBitmap == nil }
                         guard expecting else { throw MigrationError(.protocolError, "unexpected received bitmap") }
@@ -833,12 +833,20 @@ final class OutgoingMigration: @unchecked Sendable {
     /// channel (no hop through the main thread); otherwise they are queued ahead of the
     /// background stream. Either way the background scan moves on from just after them.
     private func serveRequest(_ pages: Range<Int>, name: String?) throws {
-        let pc: MigrationChannel? = lock.withLock {
+        let (pc, flooded): (MigrationChannel?, Bool) = lock.withLock {
             lastRequestBlock = name
             postcopyRequestCount += 1
             pageHint = pages.upperBound < block.pageCount ? pages.upperBound : nil
-            if preempt == nil { requests.append(pages); lock.broadcast() }
-            return preempt
+            if preempt == nil {
+                // A destination has a request per waiting thread in flight, not thousands:
+                // a flood is a broken or hostile peer, and must not grow our memory.
+                guard requests.count < Self.maxQueuedRequests else { return (nil, true) }
+                requests.append(pages); lock.broadcast()
+            }
+            return (preempt, false)
+        }
+        if flooded {
+            throw MigrationError(.protocolError, "page request flood: \(Self.maxQueuedRequests) requests queued and unserved")
         }
         guard let pc else { return }
         var sent = false

@@ -4,13 +4,6 @@ import FerryMigration
 import FerrySys
 import Glibc
 
-/// A QMP error: its class (GenericError, CommandNotFound, ...) and description.
-public struct QMPError: Error, Sendable {
-    public let errorClass: String
-    public let desc: String
-    public init(_ desc: String, class errorClass: String = "GenericError") { self.errorClass = errorClass; self.desc = desc }
-}
-
 /// QEMU Machine Protocol server on a Unix socket (mode 0600). One thread per client;
 /// events go to every client that finished capabilities negotiation. A client that sends
 /// garbage gets an error; one that disconnects mid-command affects nobody else.
@@ -119,13 +112,12 @@ public final class QMPServer: @unchecked Sendable {
                 case .stray:
                     client.send(error(QMPError("JSON parse error, invalid character"), id: nil))
                 case .value(let bytes):
-                    guard let obj = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any] else {
-                        client.send(error(QMPError("JSON parse error, expected an object"), id: nil))
-                        continue
+                    switch QMPRequest.parse(bytes) {
+                    case .failure(let e): client.send(error(e.error, id: e.id))
+                    case .success(let request):
+                        client.send(handle(request, client))
+                        if request.name == "quit" { onQuit?() }
                     }
-                    let reply = handle(obj, client)
-                    client.send(reply)
-                    if obj["execute"] as? String == "quit" { onQuit?() }
                 }
             }
         }
@@ -137,15 +129,8 @@ public final class QMPServer: @unchecked Sendable {
         return r
     }
 
-    private func handle(_ obj: [String: Any], _ client: Client) -> [String: Any] {
-        let id = obj["id"]
-        guard let name = (obj["execute"] ?? obj["exec-oob"]) as? String else {
-            return error(QMPError("Expected 'execute' or 'exec-oob'"), id: id)
-        }
-        let args = obj["arguments"] as? [String: Any] ?? [:]
-        if obj["arguments"] != nil && !(obj["arguments"] is [String: Any]) {
-            return error(QMPError("QMP input member 'arguments' must be an object"), id: id)
-        }
+    private func handle(_ request: QMPRequest, _ client: Client) -> [String: Any] {
+        let id = request.id, name = request.name, args = request.arguments
         if name == "qmp_capabilities" {
             if client.negotiated {
                 return error(QMPError("Capabilities negotiation is already complete, command ignored", class: "CommandNotFound"), id: id)
