@@ -14,7 +14,7 @@ struct QMPRequest {
     let name: String
     let arguments: [String: Any]
 
-    struct Failure: Error {
+    struct Failure: Error, @unchecked Sendable {
         let error: QMPError
         /// The request's id when it could be read, so the error answers it.
         let id: Any?

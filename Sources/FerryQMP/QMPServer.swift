@@ -4,9 +4,12 @@ import FerryMigration
 import FerrySys
 import Glibc
 
-/// QEMU Machine Protocol server on a Unix socket (mode 0600). One thread per client;
-/// events go to every client that finished capabilities negotiation. A client that sends
-/// garbage gets an error; one that disconnects mid-command affects nobody else.
+/// QEMU Machine Protocol server on a Unix socket (mode 0600). Each client has a reader
+/// thread and a writer thread; events go to every client that finished capabilities
+/// negotiation. A client that sends garbage gets an error; one that disconnects
+/// mid-command affects nobody else. Every buffer is bounded: a value over 1 MiB is
+/// refused, and a client that stops reading is dropped once 1 MiB of replies and events
+/// wait for it, so a stuck client never blocks the migration threads that emit events.
 public final class QMPServer: @unchecked Sendable {
     public let path: String
     public let host: VMHost
@@ -17,16 +20,55 @@ public final class QMPServer: @unchecked Sendable {
     private var clients: [Int32: Client] = [:]
     private var acceptThread: KernelThread?
 
+    /// Most clients at once (QEMU allows one per monitor; tools open a few).
+    static let maxClients = 32
+    /// Replies and events queued for one client before it counts as stuck.
+    static let maxOutbox = 1 << 20
+
     final class Client: @unchecked Sendable {
         let fd: Int32
         var negotiated = false
-        let writeLock = Monitor()
+        private let outLock = Monitor()
+        private var outbox: [UInt8] = []
+        private var dead = false
         init(fd: Int32) { self.fd = fd }
+
+        /// Queues a message; never blocks on the socket.
         func send(_ object: [String: Any]) {
             guard var data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
             data.append(UInt8(ascii: "\r")); data.append(UInt8(ascii: "\n"))
-            writeLock.withLock { data.withUnsafeBytes { _ = try? Sys.writeAll(fd, $0) } }
+            let overflow: Bool = outLock.withLock {
+                guard !dead else { return false }
+                if outbox.count + data.count > QMPServer.maxOutbox { dead = true; outLock.broadcast(); return true }
+                outbox.append(contentsOf: data)
+                outLock.broadcast()
+                return false
+            }
+            // Stuck client: end its connection (its reader sees EOF and cleans up).
+            if overflow { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
         }
+
+        /// The writer thread: drains the outbox into the socket until the client goes.
+        func drain() {
+            while true {
+                let chunk: [UInt8]? = outLock.withLock {
+                    while outbox.isEmpty && !dead { outLock.wait() }
+                    if dead && outbox.isEmpty { return nil }
+                    defer { outbox.removeAll(keepingCapacity: true) }
+                    return outbox
+                }
+                guard let chunk else { return }
+                let ok = chunk.withUnsafeBytes { (try? Sys.writeAll(fd, $0)) != nil }
+                if !ok {
+                    outLock.withLock { dead = true; outbox.removeAll() }
+                    _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+                    return
+                }
+            }
+        }
+
+        /// The reader is done: let the writer finish what is queued and stop.
+        func finish() { outLock.withLock { dead = true; outLock.broadcast() } }
     }
 
     public init(path: String, host: VMHost) throws {
@@ -58,9 +100,22 @@ public final class QMPServer: @unchecked Sendable {
                 let c = accept(listenFd, nil, nil)
                 if c < 0 { if errno == EINTR { continue }; return }
                 _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                let full = lock.withLock { clients.count >= Self.maxClients }
+                if full {
+                    let msg = Array(#"{"error": {"class": "GenericError", "desc": "too many QMP clients"}}"#.utf8) + [13, 10]
+                    _ = msg.withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+                    Sys.close(c)
+                    continue
+                }
                 let client = Client(fd: c)
                 lock.withLock { clients[c] = client }
-                _ = try? KernelThread(name: "qmp/client") { [self] in serve(client) }
+                let writer = try? KernelThread(name: "qmp/writer") { client.drain() }
+                _ = try? KernelThread(name: "qmp/client") { [self] in
+                    serve(client)
+                    client.finish()
+                    writer?.join()
+                    Sys.close(client.fd)
+                }
             }
         }
     }
@@ -94,10 +149,7 @@ public final class QMPServer: @unchecked Sendable {
     // MARK: clients
 
     private func serve(_ client: Client) {
-        defer {
-            lock.withLock { _ = clients.removeValue(forKey: client.fd) }
-            Sys.close(client.fd)
-        }
+        defer { lock.withLock { _ = clients.removeValue(forKey: client.fd) } }
         client.send(["QMP": ["version": ["qemu": ["major": 7, "minor": 2, "micro": 0], "package": "ferry"], "capabilities": [String]()]])
         var splitter = JSONStreamSplitter()
         var buf = [UInt8](repeating: 0, count: 4096)
