@@ -154,6 +154,8 @@ final class OutgoingMigration: @unchecked Sendable {
     /// destination could have started it (the postcopy package went out).
     private var guestStopped = false
     private var destinationOwnsGuest = false
+    /// The postcopy package is on its way: from here on the destination may ask for pages.
+    private var packageSent = false
 
     private func run() {
         var stopNanos: UInt64 = 0
@@ -235,11 +237,14 @@ final class OutgoingMigration: @unchecked Sendable {
             }
             let sent = lock.withLock { channel?.bytesWritten } ?? 0
             let requestCount = lock.withLock { postcopyRequestCount }
+            // A bad return-path message shuts the channel: the write error that follows is a
+            // symptom; the message is the reason.
+            let rp = lock.withLock { rpError }
             updateStats {
                 $0.endNanos = Sys.monotonicNanos()
                 $0.postcopyRequests = requestCount
                 $0.transferred = sent
-                if !cancelled { $0.errorDescription = "\(error)" }
+                if !cancelled { $0.errorDescription = rp.map { "return path: \($0)" } ?? "\(error)" }
             }
             setStatus(cancelled ? .cancelled : .failed)
         }
@@ -450,6 +455,7 @@ final class OutgoingMigration: @unchecked Sendable {
         package.append(cpu)
         package.footer(id: Self.cpuSectionID)
         package.command(.postcopyRun)
+        lock.withLock { packageSent = true }
         header.packaged(length: UInt32(package.count))
         header.append(package.bytes)
         try ch.write(header)
@@ -807,6 +813,9 @@ final class OutgoingMigration: @unchecked Sendable {
                         let pages: Range<Int>
                         do { pages = try PageRequest(block: name, offset: offset, length: length).pages(blockLength: UInt64(block.length)) } catch {
                             throw MigrationError(.protocolError, "bad page request from the destination", cause: error)
+                        }
+                        guard lock.withLock({ packageSent }) else {
+                            throw MigrationError(.protocolError, "page request from the destination before postcopy started")
                         }
                         try serveRequest(pages, name: name)
                     case .receivedBitmap(let name):

@@ -1,5 +1,6 @@
 import FerryMachine
 import FerryMigration
+import FerrySys
 import FerryWire
 import Glibc
 import Testing
@@ -83,5 +84,57 @@ struct HostileStreamTests {
         #expect(waitForPasses(src.machine, 2))
         src.machine.pause()
         #expect(checkMemory(src.machine).passed)
+    }
+
+    enum HostileReturnPath: String, CaseIterable, Sendable { case pageOutsideRAM, unknownBlock, unaligned, hugeLength, floodBeforePostcopy, garbage }
+
+    /// A fake destination (real TCP) that swallows the stream and answers on the return
+    /// path with hostile page requests: the source fails the migration with the reason and
+    /// its guest keeps running, intact.
+    @Test("a hostile destination's page requests (outside RAM, unknown block, unaligned, huge, a flood before postcopy, garbage) fail the migration; the source guest is intact",
+          arguments: HostileReturnPath.allCases)
+    func hostileReturnPath(_ kind: HostileReturnPath) throws {
+        let src = VMHost(machine: try Machine(memorySize: 32 << 20), incoming: false)
+        try src.boot(image: nil)
+        let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        src.setParameters { $0.maxBandwidth = 4_000_000 } // still in precopy when the requests come
+        try src.migrate(uri: listener.boundURI.description)
+        let ch = try listener.accept()
+        defer { ch.close() }
+        let sink = try KernelThread(name: "test/sink") {
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+            defer { buf.deallocate() }
+            while (try? ch.readExactly(buf)) != nil {}
+        }
+        var w = WireBuffer()
+        switch kind {
+        case .pageOutsideRAM: w.rpRequestPages(block: "pc.ram", offset: 1 << 40, length: 4096)
+        case .unknownBlock: w.rpRequestPages(block: "nvram", offset: 0, length: 4096)
+        case .unaligned: w.rpRequestPages(block: "pc.ram", offset: 100, length: 4096)
+        case .hugeLength: w.rpRequestPages(block: "pc.ram", offset: 0, length: 0xffff_f000)
+        case .floodBeforePostcopy:
+            w.rpRequestPages(block: "pc.ram", offset: 0, length: 4096)
+            for i in 0..<100_000 { w.rpRequestPages(block: nil, offset: UInt64(i % 8000) * 4096, length: 4096) }
+        case .garbage: w.append([0xff, 0xff, 0xff, 0xff] + [UInt8](repeating: 0x41, count: 64))
+        }
+        try? ch.write(w)
+        try? ch.flush()
+        #expect(src.waitForMigration(seconds: 15) == .failed)
+        let why = src.queryMigrate().errorDescription ?? ""
+        switch kind {
+        case .pageOutsideRAM, .hugeLength: #expect(why.contains("outside") || why.contains("limit"), "\(why)")
+        case .unknownBlock: #expect(why.contains("unknown RAM block"), "\(why)")
+        case .unaligned: #expect(why.contains("aligned"), "\(why)")
+        case .floodBeforePostcopy: #expect(why.contains("before postcopy"), "\(why)")
+        case .garbage: #expect(why.contains("return-path") || why.contains("return path"), "\(why)")
+        }
+        ch.shutdown()
+        sink.join()
+        #expect(src.runState == .running)
+        #expect(waitForPasses(src.machine, 1))
+        src.machine.pause()
+        #expect(checkMemory(src.machine).passed)
+        src.machine.resume()
     }
 }

@@ -164,4 +164,15 @@ struct WireTests {
         #expect(try ReturnPathDecoder.next(bs) == .receivedBitmap(block: "pc.ram"))
         #expect(try ReturnPathDecoder.readReceivedBitmap(bs, expectedBytes: 32).count == 32)
     }
+
+    @Test("page requests are checked against the block: aligned, non-empty, bounded, inside")
+    func pageRequests() throws {
+        let len: UInt64 = 1 << 20
+        #expect(try PageRequest(block: "pc.ram", offset: 8192, length: 8192).pages(blockLength: len) == 2..<4)
+        #expect(try PageRequest(block: nil, offset: len - 4096, length: 4096).pages(blockLength: len) == 255..<256)
+        for (off, l) in [(len, UInt32(4096)), (len - 4096, 8192), (0xffff_ffff_ffff_f000, 4096), (100, 4096), (0, 100), (0, 0), (0, 0xffff_f000)] {
+            #expect(throws: WireError.self, "\(off)+\(l)") { try PageRequest(block: nil, offset: off, length: l).pages(blockLength: len) }
+        }
+    }
 }
+
