@@ -52,6 +52,17 @@ public final class FerryProcess: @unchecked Sendable {
         }
     }
 
+    /// TLS for this process's migrations over QMP: object-add of the x509 credentials in
+    /// `directory` (made by scripts/tls-creds.sh: server/ and client/), then tls-creds. The
+    /// source checks the destination's certificate for "localhost".
+    public func enableTLS(credentials directory: String, server: Bool) throws {
+        try qmp.execute("object-add", ["qom-type": "tls-creds-x509", "id": "tls0", "dir": "\(directory)/\(server ? "server" : "client")",
+                                       "endpoint": server ? "server" : "client"])
+        var params: [String: Any] = ["tls-creds": "tls0"]
+        if !server { params["tls-hostname"] = "localhost" }
+        try qmp.execute("migrate-set-parameters", params)
+    }
+
     /// SIGTERM, then SIGKILL if the process has not gone within 5 s.
     public func terminate() {
         kill(pid, SIGTERM)
@@ -156,6 +167,8 @@ public struct PrecopyScenario: Sendable {
     /// Stop waiting for completion after this long and cancel (non-converging runs).
     public var timeoutSeconds: Double = 120
     public var transport = "tcp"
+    /// TLS credentials directory (scripts/tls-creds.sh layout); nil = plain.
+    public var tlsDirectory: String?
     public init(name: String, memory: Int, guestImage: String? = nil) { self.name = name; self.memory = memory; self.guestImage = guestImage }
 }
 
@@ -178,6 +191,10 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     defer { dst.terminate() }
     if scenario.guestImage == nil { src.waitForSerial(3, seconds: 60) } else { usleep(200_000) }
     let incoming = scenario.transport == "unix" ? "unix:\(directory)/migrate.sock" : "tcp:127.0.0.1:0"
+    if let tls = scenario.tlsDirectory {
+        try src.enableTLS(credentials: tls, server: false)
+        try dst.enableTLS(credentials: tls, server: true)
+    }
     try dst.qmp.execute("migrate-incoming", ["uri": incoming])
     var target = incoming
     if let q = try dst.qmp.execute("query-migrate") as? [String: Any],

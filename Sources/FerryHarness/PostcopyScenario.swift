@@ -30,6 +30,8 @@ public struct PostcopyScenario: Sendable {
     public var delayMs: Double?
     public var heartbeatMs: UInt64 = 1500
     public var timeoutSeconds: Double = 300
+    /// TLS credentials directory (scripts/tls-creds.sh layout); nil = plain.
+    public var tlsDirectory: String?
     public init(name: String, memory: Int) { self.name = name; self.memory = memory }
 }
 
@@ -107,6 +109,10 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     for p in [src, dst] {
         try p.qmp.execute("migrate-set-capabilities", ["capabilities": caps.map { ["capability": $0, "state": true] }])
         if !qemu { try p.qmp.execute("migrate-set-parameters", ["heartbeat-timeout": sc.heartbeatMs]) }
+    }
+    if let tls = sc.tlsDirectory, !qemu {
+        try src.enableTLS(credentials: tls, server: false)
+        try dst.enableTLS(credentials: tls, server: true)
     }
     var params: [String: Any] = ["max-bandwidth": sc.bandwidth, "max-postcopy-bandwidth": sc.bandwidth, "downtime-limit": 300]
     if !qemu { params["postcopy-auto-switch-passes"] = sc.autoSwitchPasses }

@@ -18,7 +18,7 @@ struct FerryBench: ParsableCommand {
     @Option(help: "Only scenarios whose name contains this.")
     var filter: String?
 
-    @Option(help: "Suites to run: precopy, postcopy, recovery, compare (Ferry beside QEMU; comma-separated).")
+    @Option(help: "Suites to run: precopy, postcopy, recovery, compare (Ferry beside QEMU), tls (the cost of TLS); comma-separated.")
     var suites = "precopy,postcopy,recovery"
 
     func run() throws {
@@ -29,6 +29,7 @@ struct FerryBench: ParsableCommand {
         if wanted.contains("postcopy") { try runPostcopySuite(postcopyScenarios(), file: "postcopy") }
         if wanted.contains("recovery") { try runPostcopySuite(recoveryScenarios(), file: "recovery") }
         if wanted.contains("compare") { try runComparison() }
+        if wanted.contains("tls") { try runTLSSuite() }
     }
 
     func runPrecopySuite() throws {

@@ -29,6 +29,9 @@ struct Demo: ParsableCommand {
     @Flag(help: "With --failure: recover by hand (migrate-recover + migrate resume=true) instead of auto-recover.")
     var manual = false
 
+    @Option(help: "Migrate over TLS with the x509 credentials in DIR (make them with scripts/tls-creds.sh DIR).")
+    var tls: String?
+
     func run() throws {
         if postcopy || failure != nil { try runPostcopyDemo(); return }
         let dir = "/tmp/ferry-demo-\(getpid())"
@@ -38,6 +41,7 @@ struct Demo: ParsableCommand {
         scenario.maxBandwidth = maxBandwidth
         scenario.transport = transport
         scenario.timeoutSeconds = 600
+        scenario.tlsDirectory = tls
         let tty = isatty(1) != 0
         let run: MigrationRun
         do {
@@ -82,6 +86,7 @@ extension Demo {
         sc.bandwidth = maxBandwidth == 0 ? 125_000_000 : maxBandwidth
         sc.preempt = true
         sc.timeoutSeconds = 600
+        sc.tlsDirectory = tls
         if let f = failure {
             guard let kind = PostcopyScenario.Failure(rawValue: f) else { fail("--failure must be reset, blackhole or link-down") }
             sc.failure = kind

@@ -72,12 +72,20 @@ struct Migrate: ParsableCommand {
     @Flag(help: "Resume a paused postcopy migration on a new connection (migrate resume=true).")
     var resume = false
 
+    @Option(help: "TLS: id of the source's tls-creds-x509/-psk object (ferry run --object ...); the destination needs its own.")
+    var tlsCreds: String?
+
+    @Option(help: "TLS: the name the destination's certificate must carry (default: the URI's host).")
+    var tlsHostname: String?
+
     func run() throws {
         do {
             let c = try QMPClient(path: qmp)
             var params: [String: Any] = [:]
             if let maxBandwidth { params["max-bandwidth"] = maxBandwidth }
             if let downtimeLimit { params["downtime-limit"] = downtimeLimit }
+            if let tlsCreds { params["tls-creds"] = tlsCreds }
+            if let tlsHostname { params["tls-hostname"] = tlsHostname }
             if !params.isEmpty { try c.execute("migrate-set-parameters", params) }
             if postcopy {
                 try c.execute("migrate-set-capabilities", ["capabilities": [["capability": "postcopy-ram", "state": true]]])
