@@ -25,6 +25,10 @@ static inline void ferry_ssl_ctx_set_modes(SSL_CTX *ctx) {
     // No session tickets: Ferry never resumes sessions, and a TLS 1.3 ticket arriving
     // after the handshake is a post-handshake read a writer would otherwise wait on.
     SSL_CTX_set_num_tickets(ctx, 0);
+    // Bulk transfer: read several records per syscall, and prefer AES-128-GCM (as strong
+    // as needed, a third cheaper than AES-256 on AES-NI).
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
 }
 
 static inline void ferry_ssl_ctx_require_peer_cert(SSL_CTX *ctx, int require) {

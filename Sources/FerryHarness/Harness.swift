@@ -26,6 +26,7 @@ public final class FerryProcess: @unchecked Sendable {
         } else {
             pid = try spawn(program, args)
         }
+        ChildProcesses.shared.add(pid)
         qmp = try QMPClient(path: qmpPath)
         try qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "events", "state": true]]])
     }
@@ -65,6 +66,7 @@ public final class FerryProcess: @unchecked Sendable {
 
     /// SIGTERM, then SIGKILL if the process has not gone within 5 s.
     public func terminate() {
+        defer { ChildProcesses.shared.remove(pid) }
         kill(pid, SIGTERM)
         var st: Int32 = 0
         for _ in 0..<500 {
@@ -103,6 +105,35 @@ public final class FerryProcess: @unchecked Sendable {
         guard p != MAP_FAILED, let p else { throw SysError(errno: errno, call: "mmap(\(scratch))") }
         defer { munmap(p, size) }
         return MemoryChecker(top: UInt64(TestGuest.top(forMemory: size))).check(base: p, size: size)
+    }
+}
+
+/// The VM processes a demo or benchmark started, so that an interrupted run (Ctrl-C,
+/// SIGTERM) takes them down with it instead of leaving them migrating in the background.
+public final class ChildProcesses: @unchecked Sendable {
+    public static let shared = ChildProcesses()
+    private let lock = Monitor()
+    private var pids: Set<pid_t> = []
+    func add(_ p: pid_t) { lock.withLock { _ = pids.insert(p) } }
+    func remove(_ p: pid_t) { lock.withLock { _ = pids.remove(p) } }
+
+    /// Blocks SIGINT/SIGTERM in every thread (call first, before any thread starts) and
+    /// starts a thread that, on either, kills every registered child and exits.
+    public static func terminateOnSignals() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let waitSet = set
+        _ = try? KernelThread(name: "signals") {
+            var set = waitSet, sig: Int32 = 0
+            sigwait(&set, &sig)
+            let all = shared.lock.withLock { shared.pids }
+            for p in all { kill(p, SIGKILL) }
+            for p in all { var st: Int32 = 0; waitpid(p, &st, 0) }
+            Glibc.exit(128 + sig)
+        }
     }
 }
 

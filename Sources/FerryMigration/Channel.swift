@@ -269,7 +269,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
 
     /// Waits up to `timeoutMs` for input; true when readable (or buffered).
     public func waitReadable(timeoutMs: Int32) -> Bool {
-        if bufferedCount > 0 || (tls?.pending ?? 0) > 0 { return true }
+        if bufferedCount > 0 || tls?.pending == true { return true }
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         return poll(&p, 1, timeoutMs) > 0
     }

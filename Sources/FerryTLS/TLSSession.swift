@@ -146,8 +146,9 @@ public final class TLSSession: @unchecked Sendable {
         _ = poll(&p, 1, 5)
     }
 
-    /// Plaintext bytes OpenSSL holds already decrypted.
-    public var pending: Int { Int(lock.withLock { freed ? 0 : SSL_pending(ssl) }) }
+    /// Whether OpenSSL holds bytes already read from the socket (decrypted or not, with
+    /// read-ahead): a reader must not wait for the socket then.
+    public var pending: Bool { lock.withLock { freed ? false : SSL_has_pending(ssl) == 1 } }
 
     /// Reads up to `count` bytes; 0 at end of stream. With `timeoutMs` > 0, throws
     /// `.timeout` when nothing arrives for that long.

@@ -24,6 +24,7 @@ struct FerryBench: ParsableCommand {
     func run() throws {
         // A ferry child that dies must not kill the benchmark through its QMP socket.
         signal(SIGPIPE, SIG_IGN)
+        ChildProcesses.terminateOnSignals()
         let wanted = Set(suites.split(separator: ",").map(String.init))
         if wanted.contains("precopy") { try runPrecopySuite() }
         if wanted.contains("postcopy") { try runPostcopySuite(postcopyScenarios(), file: "postcopy") }

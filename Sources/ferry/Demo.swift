@@ -33,6 +33,7 @@ struct Demo: ParsableCommand {
     var tls: String?
 
     func run() throws {
+        ChildProcesses.terminateOnSignals()
         if postcopy || failure != nil { try runPostcopyDemo(); return }
         let dir = "/tmp/ferry-demo-\(getpid())"
         print("Ferry demo: a \(memory.bytes >> 20) MiB guest that increments a byte in every page, moved between two")
