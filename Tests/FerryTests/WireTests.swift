@@ -163,6 +163,23 @@ struct WireTests {
         let bs = ByteArraySource(bitmap.bytes)
         #expect(try ReturnPathDecoder.next(bs) == .receivedBitmap(block: "pc.ram"))
         #expect(try ReturnPathDecoder.readReceivedBitmap(bs, expectedBytes: 32).count == 32)
+        // A bitmap of the wrong size, or a huge claimed size, is refused before it is read.
+        for claimed in [UInt64(31), 33, 1 << 62] {
+            var w = WireBuffer(); w.be64(claimed); w.append([UInt8](repeating: 0, count: 40))
+            #expect(throws: WireError.self) { try ReturnPathDecoder.readReceivedBitmap(ByteArraySource(w.bytes), expectedBytes: 32) }
+        }
+        var badEnd = WireBuffer(); badEnd.be64(32); badEnd.append([UInt8](repeating: 0, count: 32)); badEnd.be64(0xdead)
+        #expect(throws: WireError.self) { try ReturnPathDecoder.readReceivedBitmap(ByteArraySource(badEnd.bytes), expectedBytes: 32) }
+    }
+
+    @Test("RAM_DISCARD ranges outside the block, and unknown blocks, are refused")
+    func discardBounds() throws {
+        for (block, start, length) in [("pc.ram", UInt64(1 << 20), UInt64(4096)), ("pc.ram", 4096, UInt64.max & ~4095), ("pc.ram", 1, 4096), ("nvram", 0, 4096)] {
+            var w = WireBuffer()
+            w.ramDiscard(block: block, ranges: [(start, length)])
+            let d = StreamDecoder(source: ByteArraySource(w.bytes), layout: layout)
+            #expect(throws: WireError.self, "\(block) \(start)+\(length)") { _ = try d.nextItem() }
+        }
     }
 
     @Test("page requests are checked against the block: aligned, non-empty, bounded, inside")
