@@ -31,10 +31,15 @@ extension ByteSource {
         if n > 0 { try a.withUnsafeMutableBytes { try readExactly($0) } }
         return a
     }
-    /// A counted string: u8 length + bytes.
+    /// A counted string: u8 length + bytes, which must be UTF-8. (Decoding with
+    /// replacement would turn each bad byte into three: a name could then outgrow its
+    /// 255-byte field and two different names could read the same. Found by fuzzing.)
     public func countedString() throws -> String {
         let n = Int(try u8())
-        return String(decoding: try bytes(n), as: UTF8.self)
+        guard let s = String(validating: try bytes(n), as: UTF8.self) else {
+            throw WireError(.badPayload, "a name of \(n) bytes is not valid UTF-8")
+        }
+        return s
     }
 }
 

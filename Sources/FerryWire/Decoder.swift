@@ -95,7 +95,9 @@ public final class StreamDecoder {
         case .configuration:
             let n = try source.be32()
             guard n <= 256 else { throw WireError(.badLength, "machine type name of \(n) bytes") }
-            let name = String(decoding: try source.bytes(Int(n)), as: UTF8.self)
+            guard let name = String(validating: try source.bytes(Int(n)), as: UTF8.self) else {
+                throw WireError(.badMachine, "machine type name is not valid UTF-8")
+            }
             return .configuration(machine: name)
         case .start, .full:
             let id = try source.be32()

@@ -172,6 +172,14 @@ struct WireTests {
         #expect(throws: WireError.self) { try ReturnPathDecoder.readReceivedBitmap(ByteArraySource(badEnd.bytes), expectedBytes: 32) }
     }
 
+    @Test("names must be UTF-8: invalid bytes are refused, not replaced (found by fuzzing the return path)")
+    func namesAreUTF8() throws {
+        #expect(throws: WireError.self) { try ByteArraySource([3, 0xff, 0xfe, 0xfd]).countedString() }
+        #expect(try ByteArraySource([6] + Array("pc.ram".utf8)).countedString() == "pc.ram")
+        var w = WireBuffer(); w.be16(ReturnPathType.recvBitmap.rawValue); w.be16(4); w.append([3, 0xc3, 0x28, 0xa0])
+        #expect(throws: WireError.self) { try ReturnPathDecoder.next(ByteArraySource(w.bytes)) }
+    }
+
     @Test("RAM_DISCARD ranges outside the block, and unknown blocks, are refused")
     func discardBounds() throws {
         for (block, start, length) in [("pc.ram", UInt64(1 << 20), UInt64(4096)), ("pc.ram", 4096, UInt64.max & ~4095), ("pc.ram", 1, 4096), ("nvram", 0, 4096)] {
