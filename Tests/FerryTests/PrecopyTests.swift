@@ -62,7 +62,8 @@ struct PrecopyTests {
         // exec: the source pipes into socat, which serves the destination's unix socket.
         let pair = try Pair()
         _ = try pair.listen("unix:/tmp/ferry-test-exec.sock")
-        pair.source.setParameters { $0.maxBandwidth = 0 }
+        // About the transports, not convergence: a loaded machine must not make it flaky.
+        pair.source.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 5000 }
         try pair.source.migrate(uri: "exec:socat -u STDIN UNIX-CONNECT:/tmp/ferry-test-exec.sock")
         #expect(pair.source.waitForMigration(seconds: 60) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
         #expect(pair.destination.waitForMigration(seconds: 10) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
@@ -72,7 +73,7 @@ struct PrecopyTests {
         let path = "/tmp/ferry-test-\(getpid()).mig"
         defer { unlink(path) }
         let saver = try Pair()
-        saver.source.setParameters { $0.maxBandwidth = 0 }
+        saver.source.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 5000 }
         try saver.source.migrate(uri: "file:\(path)")
         #expect(saver.source.waitForMigration(seconds: 60) == .completed, "\(saver.source.queryMigrate().errorDescription ?? "")")
         try saver.destination.migrateIncoming(uri: "exec:cat \(path)")
