@@ -167,7 +167,8 @@ public final class TLSSession: @unchecked Sendable {
             case SSL_ERROR_SYSCALL:
                 let e = errno
                 if let reason = TLSError.openSSLReason() { throw TLSError(.io, "TLS read failed", cause: reason) }
-                if e == 0 || e == EAGAIN { return 0 }
+                if e == EAGAIN || e == EINTR { try crossWait(POLLIN); continue }
+                if e == 0 { return 0 } // the peer closed the socket without close_notify
                 throw TLSError(.io, "TLS read failed", cause: String(cString: strerror(e)))
             default:
                 throw TLSError(.io, "TLS read failed", cause: TLSError.openSSLReason() ?? "error \(err)")
