@@ -70,8 +70,13 @@ async def main():
         await t.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         addr = (await t.execute("query-migrate"))["socket-address"][0]
         uri = f"tcp:{addr['host']}:{addr['port']}"
+        # The guest must be walking its memory (two passes printed) so the migration cannot
+        # converge within 1 ms of downtime, however loaded the machine is.
+        deadline = time.time() + 60
+        while time.time() < deadline and open(f"{d}/src.log", "rb").read().count(b"B") < 2:
+            await asyncio.sleep(0.05)
         with s.listener() as events:
-            await s.execute("migrate-set-parameters", {"max-bandwidth": 3_000_000, "downtime-limit": 1})
+            await s.execute("migrate-set-parameters", {"max-bandwidth": 30_000_000, "downtime-limit": 1})
             await s.execute("migrate", {"uri": uri})
             seen = []
             deadline = time.time() + 20
