@@ -108,6 +108,18 @@ public final class FerryProcess: @unchecked Sendable {
     }
 }
 
+/// Makes test TLS credentials in `directory` (QEMU's tls-creds-x509 layout: server/, client/,
+/// plus rogue/ from another CA and psk/) with scripts/tls-creds.sh, which needs openssl.
+public func makeTestTLSCredentials(in directory: String) throws {
+    let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("scripts/tls-creds.sh").path
+    var st: Int32 = 0
+    waitpid(try spawn("/bin/bash", [script, directory]), &st, 0)
+    guard st == 0, access("\(directory)/server/server-key.pem", R_OK) == 0 else {
+        throw SysError(errno: ENOENT, call: "\(script) \(directory) (is openssl installed?)")
+    }
+}
+
 /// The VM processes a demo or benchmark started, so that an interrupted run (Ctrl-C,
 /// SIGTERM) takes them down with it instead of leaving them migrating in the background.
 public final class ChildProcesses: @unchecked Sendable {

@@ -10,11 +10,7 @@ extension FerryBench {
         let work = "/tmp/ferry-bench-tls-\(getpid())"
         mkdir(work, 0o700)
         let creds = "\(work)/creds"
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("scripts/tls-creds.sh").path
-        var st: Int32 = 0
-        waitpid(try spawn("/bin/bash", [script, creds]), &st, 0)
-        guard st == 0 else { throw BenchError("scripts/tls-creds.sh failed (is openssl installed?)") }
+        try makeTestTLSCredentials(in: creds)
 
         var rows: [String] = []
         var json: [[String: Any]] = []
@@ -81,9 +77,4 @@ extension FerryBench {
         print(md)
         print("wrote \(output)/tls.md and \(output)/tls.json")
     }
-}
-
-struct BenchError: Error, CustomStringConvertible {
-    let description: String
-    init(_ d: String) { description = d }
 }

@@ -14,12 +14,7 @@ enum TLSFixture {
 
     static let directory: String = {
         let dir = "/tmp/ferry-tls-\(getpid())"
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("scripts/tls-creds.sh").path
-        let pid = try! spawn("/bin/bash", [script, dir])
-        var st: Int32 = 0
-        waitpid(pid, &st, 0)
-        precondition(st == 0 && access("\(dir)/server/server-key.pem", R_OK) == 0, "scripts/tls-creds.sh failed (is openssl installed?)")
+        do { try makeTestTLSCredentials(in: dir) } catch { preconditionFailure("\(error)") }
         return dir
     }()
 
