@@ -814,9 +814,6 @@ final class OutgoingMigration: @unchecked Sendable {
                         do { pages = try PageRequest(block: name, offset: offset, length: length).pages(blockLength: UInt64(block.length)) } catch {
                             throw MigrationError(.protocolError, "bad page request from the destination", cause: error)
                         }
-                        guard lock.withLock({ packageSent }) else {
-                            throw MigrationError(.protocolError, "page request from the destination before postcopy started")
-                        }
                         try serveRequest(pages, name: name)
                     case .receivedBitmap(let name):
                         let expecting = lock.withLock { _stats.status == .postcopyRecover && recoverBitmap == nil }
@@ -842,21 +839,23 @@ final class OutgoingMigration: @unchecked Sendable {
     /// channel (no hop through the main thread); otherwise they are queued ahead of the
     /// background stream. Either way the background scan moves on from just after them.
     private func serveRequest(_ pages: Range<Int>, name: String?) throws {
-        let (pc, flooded): (MigrationChannel?, Bool) = lock.withLock {
+        let (pc, refusal): (MigrationChannel?, String?) = lock.withLock {
+            // Only a destination running the guest asks for pages.
+            guard packageSent else { return (nil, "page request from the destination before postcopy started") }
             lastRequestBlock = name
             postcopyRequestCount += 1
             pageHint = pages.upperBound < block.pageCount ? pages.upperBound : nil
             if preempt == nil {
                 // A destination has a request per waiting thread in flight, not thousands:
                 // a flood is a broken or hostile peer, and must not grow our memory.
-                guard requests.count < Self.maxQueuedRequests else { return (nil, true) }
+                guard requests.count < Self.maxQueuedRequests else {
+                    return (nil, "page request flood: \(Self.maxQueuedRequests) requests queued and unserved")
+                }
                 requests.append(pages); lock.broadcast()
             }
-            return (preempt, false)
+            return (preempt, nil)
         }
-        if flooded {
-            throw MigrationError(.protocolError, "page request flood: \(Self.maxQueuedRequests) requests queued and unserved")
-        }
+        if let refusal { throw MigrationError(.protocolError, refusal) }
         guard let pc else { return }
         var sent = false
         for p in pages where toSend.testAndClear(p) {
