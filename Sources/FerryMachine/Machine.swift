@@ -67,6 +67,9 @@ public final class Machine: @unchecked Sendable {
     /// `kick: false` leaves a vCPU blocked in the kernel alone (a signal makes KVM retry a
     /// userfaultfd fault in a busy loop until the page arrives); it parks at its next exit.
     public func pause(timeoutNanos: UInt64, kick: Bool = true) -> Bool { core.pause(timeoutNanos: timeoutNanos, kick: kick) }
+    /// After a `pause` that timed out: waits until the vCPU parks. False when the pause was
+    /// cancelled by `resume` or the vCPU thread ended.
+    public func waitUntilParked() -> Bool { core.waitUntilParked() }
     /// The vCPU thread's kernel thread id (userfaultfd reports it with each fault); 0 before start.
     public var vcpuThreadID: UInt32 { core.vcpuThreadID }
     /// Lets the guest run again after `pause()`.
@@ -188,8 +191,19 @@ final class MachineCore: @unchecked Sendable {
                 if let deadline, Sys.monotonicNanos() >= deadline { break }
                 monitor.wait(timeoutNanos: 10_000_000)
             }
-            if _state == .running || _state == .halted { _state = .paused }
+            // Only a parked vCPU is paused: one still in the kernel keeps running the guest
+            // until it parks (at its next exit), and must not be reported as paused before.
+            if parked && (_state == .running || _state == .halted) { _state = .paused }
             return parked || thread == nil || quitRequested
+        }
+    }
+
+    /// Waits, without kicking, until the vCPU parks for a pause already requested. False
+    /// when the pause was cancelled (`resume`) or the vCPU thread ended first.
+    public func waitUntilParked() -> Bool {
+        monitor.withLock {
+            while pauseRequested && !parked && !quitRequested && thread != nil { monitor.wait(timeoutNanos: 100_000_000) }
+            return pauseRequested && parked && !quitRequested
         }
     }
 
@@ -237,7 +251,11 @@ final class MachineCore: @unchecked Sendable {
                 // has been completed and the register state is final.
                 while (pauseRequested && lastWasInterrupt) || (_state == .halted && !pauseRequested) || isFinished {
                     if quitRequested { return false }
-                    if pauseRequested && lastWasInterrupt { parked = true; monitor.broadcast() }
+                    if pauseRequested && lastWasInterrupt {
+                        parked = true
+                        if _state == .running || _state == .halted { _state = .paused }
+                        monitor.broadcast()
+                    }
                     monitor.wait()
                 }
                 parked = false

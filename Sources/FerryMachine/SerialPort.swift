@@ -19,6 +19,8 @@ public final class SerialPort: @unchecked Sendable {
     private let lock = Monitor()
     private var _output: [UInt8] = []
     private var _bytes = 0
+    /// The sink's reader is gone (EPIPE); only the vCPU thread touches it.
+    private var sinkGone = false
     /// Keep at most this much output in memory for `recentOutput` (tests and status).
     private let keep = 4096
 
@@ -57,9 +59,13 @@ public final class SerialPort: @unchecked Sendable {
     }
 
     private func emit(_ byte: UInt8) {
-        if fd >= 0 {
+        if fd >= 0 && !sinkGone {
             var b = byte
-            _ = try? Sys.writeAll(fd, UnsafeRawBufferPointer(start: &b, count: 1))
+            do { try Sys.writeAll(fd, UnsafeRawBufferPointer(start: &b, count: 1)) } catch {
+                // The reader went away (`ferry run | head`): the guest goes on, its output is
+                // only kept in memory from now on.
+                if error.errno == EPIPE { sinkGone = true }
+            }
         }
         lock.withLock {
             _bytes += 1

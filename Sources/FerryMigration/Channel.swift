@@ -36,6 +36,11 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     public private(set) var bytesWritten: UInt64 = 0
     private var closed = false
     private let closeLock = Monitor()
+    /// Bytes queued in `iovecs` (kept so the rate limiter's per-page check is O(1)).
+    private var queuedBytes = 0
+    /// Signalled by `abort`: wakes a writer waiting for a pipe or FIFO that nobody reads
+    /// (shutdown only reaches sockets). -1 if it could not be made.
+    private let abortFd: Int32
     /// When positive, a read that sees no byte for this long fails: the heartbeat that turns
     /// a silent partition (no RST, no FIN) into an error within a bounded time.
     public var readTimeoutMs: Int32 {
@@ -50,6 +55,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     public init(fd: Int32, description: String) {
         _ = Self.ignoreSIGPIPE
         self.fd = fd
+        abortFd = ferry_eventfd(0)
         self.description = description
         var st = stat()
         fstat(fd, &st)
@@ -62,6 +68,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
 
     deinit {
         close()
+        if abortFd >= 0 { Sys.close(abortFd) }
         readBuffer.deallocate()
         staging.deallocate()
         tlsGather?.deallocate()
@@ -87,12 +94,81 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         }
     }
 
+    /// Ends the channel for good from any thread (cancel, failure): wakes a blocked writer
+    /// on a socket, pipe or FIFO, and kills an exec: command (its whole process group:
+    /// `sh -c` and what it started), so `close` reaps it at once.
+    public func abort() {
+        closeLock.withLock {
+            guard !closed else { return }
+            var one: UInt64 = 1
+            if abortFd >= 0 { _ = Glibc.write(abortFd, &one, 8) }
+            if isSocket { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+            if childPID > 0 { _ = kill(-childPID, SIGKILL) }
+        }
+    }
+
+    /// The end of a successful outgoing stream: an exec: command must consume it all and
+    /// exit with status 0 (a failing command is a failed migration, not a completed one).
+    public func finishOutput() throws {
+        let pid: pid_t = closeLock.withLock { childPID }
+        guard pid > 0 else { return }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 {
+            if errno == EINTR { continue }
+            return
+        }
+        closeLock.withLock { childPID = 0 }
+        let exited = status & 0x7f == 0, code = (status >> 8) & 0xff
+        guard exited && code == 0 else {
+            throw MigrationError(.io, exited ? "the exec: command exited with status \(code)" : "the exec: command was killed by signal \(status & 0x7f)")
+        }
+    }
+
     /// Unblocks any thread reading or writing this channel (cancel, pause, fault injection).
     public func shutdown() {
         closeLock.withLock {
             guard !closed else { return }
             if isSocket { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
         }
+    }
+
+    /// What the first bytes of a new connection say about the peer (peeked, not consumed).
+    enum StreamStart: Equatable { case source, incomplete, stray(String) }
+
+    /// Classifies a freshly accepted connection without reading from it: the start of a
+    /// migration stream (`QEVM`), or with `tls` a TLS handshake record or a plain stream
+    /// (the real source, misconfigured: the handshake reports it), is a source; EOF, a
+    /// reset or other bytes are a stray connection.
+    func peekStreamStart(tls: Bool) -> StreamStart {
+        var b = [UInt8](repeating: 0, count: 4)
+        let n = b.withUnsafeMutableBytes { recv(fd, $0.baseAddress, 4, Int32(MSG_PEEK | MSG_DONTWAIT)) }
+        if n == 0 { return .stray("closed before sending a migration header") }
+        if n < 0 {
+            if errno == EAGAIN || errno == EINTR { return .incomplete }
+            return .stray("\(SysError(errno: errno, call: "recv"))")
+        }
+        let magic: [UInt8] = [0x51, 0x45, 0x56, 0x4d] // "QEVM"
+        if tls && b[0] == 0x16 { return .source } // a TLS handshake record
+        if Array(b[0..<n]) == Array(magic[0..<n]) { return n == 4 ? .source : .incomplete }
+        let hex = b[0..<n].map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: " ")
+        return .stray("not a migration stream (bad magic: \(hex))")
+    }
+
+    /// The peer's address, for messages ("127.0.0.1:5501", a Unix socket, or "?").
+    var peerDescription: String {
+        var ss = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutablePointer(to: &ss) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } } == 0
+        guard ok else { return "peer unknown" }
+        if Int32(ss.ss_family) == AF_INET {
+            return withUnsafePointer(to: &ss) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
+                var a = sin.pointee.sin_addr
+                var buf = [CChar](repeating: 0, count: 64)
+                inet_ntop(AF_INET, &a, &buf, 64)
+                return "from \(String(cString: buf)):\(UInt16(bigEndian: sin.pointee.sin_port))"
+            } }
+        }
+        return Int32(ss.ss_family) == AF_UNIX ? "a local client" : "peer family \(ss.ss_family)"
     }
 
     // MARK: reading
@@ -182,6 +258,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
                 iovecs.append(iovec(iov_base: dst, iov_len: k))
             }
             stagingUsed += k
+            queuedBytes += k
             off += k
         }
     }
@@ -191,10 +268,20 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     public func write(reference p: UnsafeRawPointer, count: Int) throws {
         if iovecs.count >= maxIovecs { try flush() }
         iovecs.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: p), iov_len: count))
+        queuedBytes += count
     }
 
     /// Bytes queued but not yet sent.
-    public var pendingBytes: Int { iovecs.reduce(0) { $0 + $1.iov_len } }
+    public var pendingBytes: Int { queuedBytes }
+
+    /// A non-blocking pipe or FIFO is full: waits until it drains or the channel is aborted.
+    private func waitWritable() throws {
+        var fds = [pollfd(fd: fd, events: Int16(POLLOUT), revents: 0), pollfd(fd: abortFd, events: Int16(POLLIN), revents: 0)]
+        while poll(&fds, abortFd >= 0 ? 2 : 1, -1) < 0 {
+            if errno != EINTR { throw MigrationError(.io, "poll on \(description) failed", cause: SysError(errno: errno, call: "poll")) }
+        }
+        if abortFd >= 0 && fds[1].revents != 0 { throw MigrationError(.cancelled, "\(description) was aborted") }
+    }
 
     public func flush() throws {
         if tls != nil { return try flushTLS() }
@@ -205,11 +292,15 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
             }
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EAGAIN {
+                    do { try waitWritable(); continue } catch { iovecs.removeAll(keepingCapacity: true); stagingUsed = 0; queuedBytes = 0; throw error }
+                }
                 let e = errno
-                iovecs.removeAll(keepingCapacity: true); stagingUsed = 0
+                iovecs.removeAll(keepingCapacity: true); stagingUsed = 0; queuedBytes = 0
                 throw MigrationError(.io, "write to \(description) failed", cause: SysError(errno: e, call: "writev"))
             }
             bytesWritten += UInt64(n)
+            queuedBytes -= n
             var left = n
             while left > 0 && first < iovecs.count {
                 if iovecs[first].iov_len <= left {
@@ -224,13 +315,14 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         }
         iovecs.removeAll(keepingCapacity: true)
         stagingUsed = 0
+        queuedBytes = 0
     }
 
     /// Copies the queued iovecs into 64 KiB runs and hands each to TLS (which encrypts a
     /// copy anyway): a page header and its page become one record, not two.
     private func flushTLS() throws {
         guard let tls, let gather = tlsGather else { return }
-        defer { iovecs.removeAll(keepingCapacity: true); stagingUsed = 0 }
+        defer { iovecs.removeAll(keepingCapacity: true); stagingUsed = 0; queuedBytes = 0 }
         var used = 0
         do {
             for v in iovecs {

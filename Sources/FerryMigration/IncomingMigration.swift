@@ -13,7 +13,10 @@ import Glibc
 final class IncomingMigration: @unchecked Sendable {
     let host: VMHost
     let uri: MigrationURI
-    let capabilities: Set<MigrationCapability>
+    /// Capabilities may change until the source's stream arrives (QEMU allows setting them
+    /// on a listening destination); then they are taken from the host once. Guarded by `lock`.
+    private var _capabilities: Set<MigrationCapability>
+    var capabilities: Set<MigrationCapability> { lock.withLock { _capabilities } }
     let machine: Machine
     let listener: MigrationListener
     let layout: RAMLayout
@@ -54,11 +57,16 @@ final class IncomingMigration: @unchecked Sendable {
     /// The package's RUN started the guest here.
     private var guestStarted = false
     private var pauseRequested = false
+    /// `migrate-recover` was given and no recovery attempt has failed since (QEMU's
+    /// postcopy_recover_triggered): a second one is refused instead of replacing the first.
+    private var recoverTriggered = false
+    /// Userfaultfd is armed (LISTEN seen). Guarded by `lock` (readers: QMP threads).
+    private var postcopyListening = false
 
     init(host: VMHost, uri: MigrationURI, capabilities: Set<MigrationCapability>, tls: TLSCredentials?) throws {
         self.host = host
         self.uri = uri
-        self.capabilities = capabilities
+        self._capabilities = capabilities
         self.tls = tls
         self.machine = host.machine
         self.listener = try MigrationListener(uri, tls: tls)
@@ -74,7 +82,8 @@ final class IncomingMigration: @unchecked Sendable {
             if let ch = channel { s.transferred = ch.bytesRead }
             return s
         }
-        if uffd != nil && capabilities.contains(.postcopyBlocktime) { s.faults = faults.report() }
+        let (listening, caps) = lock.withLock { (postcopyListening, _capabilities) }
+        if listening && caps.contains(.postcopyBlocktime) { s.faults = faults.report() }
         return s
     }
 
@@ -103,7 +112,9 @@ final class IncomingMigration: @unchecked Sendable {
             _stats.errorDescription = "\(error)"
             _stats.endNanos = Sys.monotonicNanos()
         }
-        sendReturnPath { $0.rpShut(1) }
+        // The reason first (Ferry's own message; a source that does not know it fails the
+        // same way on the SHUT), so the source reports why, not the broken pipe that follows.
+        sendReturnPath { $0.rpError("\(error)"); $0.rpShut(1) }
         setStatus(.failed)
     }
 
@@ -129,9 +140,12 @@ final class IncomingMigration: @unchecked Sendable {
 
     private func run() {
         do {
-            let ch = try listener.accept()
+            let ch = try acceptSource()
+            // From here on the stream decides: capabilities set over QMP until now apply.
+            let caps = host.takeIncomingCapabilities()
+            lock.withLock { _capabilities = caps }
             // Postcopy keeps listening: the urgent channel and automatic recovery come here.
-            if !capabilities.contains(.postcopyRAM) { listener.close() }
+            if !caps.contains(.postcopyRAM) { listener.close() }
             configure(ch)
             lock.withLock { channel = ch }
             setStatus(.active)
@@ -157,7 +171,61 @@ final class IncomingMigration: @unchecked Sendable {
             fail(error)
             lock.withLock { channel }?.close()
             finishPostcopy()
-            if refuse { refuseRecovery() } else { listener.close() }
+            if refuse { refuseRecovery() } else {
+                listener.close()
+                host.incomingFailed("\(error)")
+            }
+        }
+    }
+
+    /// How long a connection may stay silent before it counts as a stray one.
+    static let headerTimeoutNanos: UInt64 = 10_000_000_000
+
+    /// The source's main channel. A connection that never sends a migration header (a port
+    /// scan, a health check, a client that connects and closes) is dropped and the listener
+    /// kept, so the real source still finds it; the last one dropped is reported in
+    /// query-migrate's error. A connection that starts a migration stream (or, with TLS, a
+    /// TLS handshake or a plain stream) is the source: its errors fail the migration.
+    private func acceptSource() throws -> MigrationChannel {
+        guard listener.isSocket else { return try listener.accept() }
+        var candidates: [(channel: MigrationChannel, deadline: UInt64)] = []
+        defer { for c in candidates { c.channel.close() } }
+        func drop(_ i: Int, _ why: String) {
+            let c = candidates.remove(at: i)
+            lock.withLock { _stats.errorDescription = "ignored a connection on \(listener.boundURI) (\(c.channel.peerDescription)): \(why)" }
+            c.channel.close()
+        }
+        while true {
+            var fds = [pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
+            fds += candidates.map { pollfd(fd: $0.channel.fd, events: Int16(POLLIN), revents: 0) }
+            if poll(&fds, nfds_t(fds.count), 100) < 0 && errno != EINTR {
+                throw MigrationError(.io, "poll on \(listener.boundURI) failed", cause: SysError(errno: errno, call: "poll"))
+            }
+            if listener.isClosed { throw MigrationError(.cancelled, "listening on \(uri) was cancelled") }
+            let now = Sys.monotonicNanos()
+            // Newest first, so removing by index keeps the earlier indices valid.
+            for i in candidates.indices.reversed() {
+                let ch = candidates[i].channel
+                if fds[i + 1].revents == 0 {
+                    if now > candidates[i].deadline { drop(i, "sent nothing for \(Self.headerTimeoutNanos / 1_000_000_000) s") }
+                    continue
+                }
+                switch ch.peekStreamStart(tls: tls != nil) {
+                case .incomplete:
+                    if now > candidates[i].deadline { drop(i, "sent an incomplete header") }
+                case .stray(let why):
+                    drop(i, why)
+                case .source:
+                    candidates.remove(at: i)
+                    try listener.secure(ch) // with TLS: the handshake; its failure fails the migration
+                    return ch
+                }
+            }
+            if fds[0].revents & Int16(POLLIN) != 0 {
+                candidates.append((try listener.acceptRaw(), now + Self.headerTimeoutNanos))
+            }
+            // A candidate with a partial header stays readable: do not spin on it.
+            if candidates.contains(where: { _ in true }) && fds.dropFirst().contains(where: { $0.revents != 0 }) { usleep(1_000) }
         }
     }
 
@@ -314,6 +382,7 @@ extension IncomingMigration {
         try u.register(block.host, length: block.length)
         faultStop = try Sys.eventfd()
         uffd = u
+        lock.withLock { postcopyListening = true }
         setStatus(.postcopyDevice)
         faultThread = try KernelThread(name: "mig/dst/fault") { [self] in faultLoop(u, block) }
         if capabilities.contains(.postcopyPreempt) { try acceptPreempt(on: listener) }
@@ -523,6 +592,7 @@ extension IncomingMigration {
         closeChannels()
         lock.withLock {
             pauseRequested = false
+            recoverTriggered = false // a new migrate-recover may replace the address now
             _stats.postcopyPauses += 1
             _stats.errorDescription = "\(error)"
         }
@@ -557,11 +627,14 @@ extension IncomingMigration {
     /// QMP `migrate-recover`.
     func recover(_ uri: MigrationURI) throws {
         guard status == .postcopyPaused else { throw MigrationError(.state, "Migrate recover can only be run when postcopy is paused.") }
+        if let pending = lock.withLock({ recoverTriggered ? recoveryListener?.boundURI : nil }) {
+            throw MigrationError(.state, "Migrate recovery is triggered already (listening on \(pending)); it ends when the source connects, or when that attempt fails")
+        }
         // The original address (the old port) is still ours: reuse its listener.
         let same = uri == listener.boundURI || uri == listener.uri
         let l = same ? listener : try MigrationListener(uri, tls: tls)
         let old: MigrationListener? = lock.withLock {
-            defer { recoveryListener = l; lock.broadcast() }
+            defer { recoveryListener = l; recoverTriggered = true; lock.broadcast() }
             return recoveryListener
         }
         if let old, old !== listener, old !== l { old.close() }
@@ -584,7 +657,7 @@ extension IncomingMigration {
     /// The process is going away with postcopy unfinished: wake every thread waiting on a
     /// missing page (the unregister does that) so the vCPU can be stopped.
     func releaseGuestMemory() {
-        guard uffd != nil, status.isPostcopy else { return }
+        guard lock.withLock({ postcopyListening }), status.isPostcopy else { return }
         finishPostcopy()
     }
 

@@ -30,6 +30,8 @@ final class OutgoingMigration: @unchecked Sendable {
     private var rpThread: KernelThread?
     private var rpShut: UInt32?
     private var rpError: String?
+    /// The destination's own account of why it failed (Ferry's error message before SHUT).
+    private var destinationError: String?
 
     // postcopy
     private var postcopyRequested = false
@@ -66,9 +68,8 @@ final class OutgoingMigration: @unchecked Sendable {
     static let ramSectionID: UInt32 = 0
     static let cpuSectionID: UInt32 = 1
 
-    // rate limiting: 100 ms windows, as QEMU
-    private var windowStart: UInt64 = 0
-    private var windowBytes: UInt64 = 0
+    // rate limiting: 100 ms windows, as QEMU (main thread only)
+    private var limiter = RateLimiter(now: 0, sent: 0)
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
         self.host = host
@@ -117,18 +118,23 @@ final class OutgoingMigration: @unchecked Sendable {
         thread = try KernelThread(name: "mig/src/main") { [self] in self.run() }
     }
 
+    /// QMP migrate_cancel. Check and change are one step under the lock: once the postcopy
+    /// package may be on its way, the destination may run the guest, and cancel is refused.
+    /// Ends a blocked exec:/file: migration too (the channel is aborted, its child killed).
     func cancel() throws {
-        let ch: MigrationChannel? = try lock.withLock {
-            if _stats.status.isPostcopy || destinationOwnsGuest {
+        let (accepted, ch): (Bool, MigrationChannel?) = try lock.withLock {
+            if _stats.status.isPostcopy || destinationOwnsGuest || packageSent {
                 throw MigrationError(.state, "Postcopy migration in progress, cannot cancel (status \(_stats.status.rawValue)): the guest's state is split between both hosts; recover it with migrate resume=true")
             }
-            guard _stats.status.isRunning, !cancelRequested else { return nil }
+            guard _stats.status.isRunning, !cancelRequested else { return (false, nil) }
             cancelRequested = true
-            return channel
+            _stats.status = .cancelling
+            return (true, channel)
         }
-        guard status.isRunning else { return }
-        setStatus(.cancelling)
-        ch?.shutdown()
+        guard accepted else { return }
+        host.emit(.status(.cancelling))
+        host.statusChanged()
+        ch?.abort()
     }
 
     private var isCancelled: Bool { lock.withLock { cancelRequested } }
@@ -145,7 +151,10 @@ final class OutgoingMigration: @unchecked Sendable {
     }
 
     private func checkCancel() throws {
-        if isCancelled { throw MigrationError(.cancelled, "migration cancelled") }
+        let (cancelled, peer, shut) = lock.withLock { (cancelRequested, destinationError, rpShut) }
+        if cancelled { throw MigrationError(.cancelled, "migration cancelled") }
+        if let peer { throw MigrationError(.protocolError, "the destination failed: \(peer)") }
+        if let shut, shut != 0 { throw MigrationError(.protocolError, "the destination failed the migration (SHUT \(shut))") }
     }
 
     // MARK: main thread
@@ -153,6 +162,9 @@ final class OutgoingMigration: @unchecked Sendable {
     /// The guest was paused by this migration, and may be resumed on failure until the
     /// destination could have started it (the postcopy package went out).
     private var guestStopped = false
+    /// The run state when the switch-over stopped the guest: a guest that was already
+    /// paused gets no second STOP and stays paused if the migration fails.
+    private var runStateBefore: RunState?
     private var destinationOwnsGuest = false
     /// The postcopy package is on its way: from here on the destination may ask for pages.
     private var packageSent = false
@@ -160,7 +172,7 @@ final class OutgoingMigration: @unchecked Sendable {
     private func run() {
         var stopNanos: UInt64 = 0
         do {
-            let ch = try Transport.connect(uri, tls: tls)
+            let ch = try Transport.connect(uri, tls: tls, isCancelled: { [self] in isCancelled })
             configure(ch)
             let cancelled: Bool = lock.withLock { channel = ch; return cancelRequested }
             if cancelled { throw MigrationError(.cancelled, "migration cancelled") }
@@ -183,11 +195,8 @@ final class OutgoingMigration: @unchecked Sendable {
             }
 
             // Switchover: stop the guest, send the rest and the vCPU state.
-            host.setRunState(.finishMigrate)
-            machine.pause()
-            guestStopped = true
+            stopGuestForSwitchover()
             stopNanos = Sys.monotonicNanos()
-            host.emit(.stop)
             setStatus(.device)
             let before = ch.bytesWritten
             try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
@@ -214,6 +223,7 @@ final class OutgoingMigration: @unchecked Sendable {
             } else if case .exec = uri {
                 Glibc.shutdown(ch.fd, Int32(SHUT_WR))
             }
+            try ch.finishOutput() // exec: the command consumed everything; file: on disk
             let end = Sys.monotonicNanos()
             try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
             updateStats {
@@ -228,23 +238,30 @@ final class OutgoingMigration: @unchecked Sendable {
         } catch {
             let cancelled = isCancelled
             try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
-            lock.withLock { channel }?.shutdown()
+            lock.withLock { channel }?.abort()
             lock.withLock { channel }?.close()
-            if guestStopped && !destinationOwnsGuest {
-                machine.resume()
-                host.setRunState(.running)
-                host.emit(.resume)
+            if case let .file(path) = uri { Transport.removePartialFile(path) }
+            if !destinationOwnsGuest {
+                if guestStopped {
+                    machine.resume()
+                    host.setRunState(.running)
+                    host.emit(.resume)
+                } else if let before = runStateBefore {
+                    host.setRunState(before) // it was paused before: it stays paused
+                }
             }
             let sent = lock.withLock { channel?.bytesWritten } ?? 0
             let requestCount = lock.withLock { postcopyRequestCount }
             // A bad return-path message shuts the channel: the write error that follows is a
             // symptom; the message is the reason.
-            let rp = lock.withLock { rpError }
+            let (rp, peer) = lock.withLock { (rpError, destinationError) }
             updateStats {
                 $0.endNanos = Sys.monotonicNanos()
                 $0.postcopyRequests = requestCount
                 $0.transferred = sent
-                if !cancelled { $0.errorDescription = rp.map { "return path: \($0)" } ?? "\(error)" }
+                if !cancelled {
+                    $0.errorDescription = peer.map { "the destination failed: \($0)" } ?? rp.map { "return path: \($0)" } ?? "\(error)"
+                }
             }
             setStatus(cancelled ? .cancelled : .failed)
         }
@@ -282,8 +299,7 @@ final class OutgoingMigration: @unchecked Sendable {
         var extraPasses = 0
         var bestRemaining = UInt64(block.length)
         var stuckPasses: UInt64 = 0
-        windowStart = lastSync
-        windowBytes = 0
+        limiter.reset(now: lastSync, sent: ch.bytesWritten, bytesPerSecond: parameters.maxBandwidth)
         while true {
             try checkCancel()
             if lock.withLock({ postcopyRequested }) { return true }
@@ -361,6 +377,9 @@ final class OutgoingMigration: @unchecked Sendable {
     /// Returns true when no page is left in this pass.
     private func sendPages(_ ch: MigrationChannel, limited: Bool) throws -> Bool {
         let started = Sys.monotonicNanos()
+        // With a limit, the budget is checked at every page: at low limits a 64-page batch
+        // is more than several windows' worth.
+        let checkEvery = limited && parameters.maxBandwidth > 0 && parameters.maxBandwidth < 64 << 20 ? 1 : 64
         var first = true
         var batch = 0
         var normal: UInt64 = 0, duplicate: UInt64 = 0
@@ -371,7 +390,7 @@ final class OutgoingMigration: @unchecked Sendable {
             first = false
             cursor = i + 1
             batch += 1
-            if batch & 63 == 0 {
+            if batch % checkEvery == 0 {
                 if limited {
                     if try rateLimit(ch) { return false }
                     if Sys.monotonicNanos() - started > 50_000_000 { return false }
@@ -384,31 +403,30 @@ final class OutgoingMigration: @unchecked Sendable {
         return true
     }
 
-    /// Sleeps out the current 100 ms window once its byte budget is spent. Returns true when
-    /// the caller should end the section (it waited).
+    /// Sleeps while the rate limiter says the budget is spent. Returns true when the caller
+    /// should end the section (it waited).
     private func rateLimit(_ ch: MigrationChannel) throws -> Bool {
         let limit = parameters.maxBandwidth
-        guard limit > 0 else { return false }
-        let now = Sys.monotonicNanos()
-        if now - windowStart >= 100_000_000 {
-            windowStart = now
-            windowBytes = ch.bytesWritten + UInt64(ch.pendingBytes)
-            return false
-        }
-        let budget = limit / 10
-        let used = ch.bytesWritten + UInt64(ch.pendingBytes) - windowBytes
-        guard used >= budget else { return false }
+        var wait = limiter.delay(sent: ch.bytesWritten + UInt64(ch.pendingBytes), now: Sys.monotonicNanos(), bytesPerSecond: limit)
+        guard wait > 0 else { return false }
         try ch.flush()
-        let wake = windowStart + 100_000_000
-        while true {
+        while wait > 0 {
             try checkCancel()
-            let now = Sys.monotonicNanos()
-            if now >= wake { break }
-            usleep(UInt32(min((wake - now) / 1000, 10_000)))
+            usleep(UInt32(min(wait / 1000, 10_000)))
+            wait = limiter.delay(sent: ch.bytesWritten, now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxBandwidth)
         }
-        windowStart = Sys.monotonicNanos()
-        windowBytes = ch.bytesWritten
         return true
+    }
+
+    /// Stops the guest for the switch-over (precopy's last pass or the postcopy package).
+    /// A guest already paused by the operator gets no second STOP event.
+    private func stopGuestForSwitchover() {
+        let before = host.runState
+        runStateBefore = before
+        host.setRunState(.finishMigrate)
+        machine.pause()
+        guestStopped = before == .running
+        if guestStopped { host.emit(.stop) }
     }
 
     // MARK: postcopy (source)
@@ -426,11 +444,8 @@ final class OutgoingMigration: @unchecked Sendable {
     /// package that starts the guest there, then streams the rest, requested pages first.
     /// Once the package is out the guest is never resumed here: failures pause, not fail.
     private func runPostcopy(_ ch: MigrationChannel) throws {
-        host.setRunState(.finishMigrate)
-        machine.pause()
-        guestStopped = true
+        stopGuestForSwitchover()
         let stopNanos = Sys.monotonicNanos()
-        host.emit(.stop)
         setStatus(.device)
         try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
         try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false)
@@ -513,8 +528,7 @@ final class OutgoingMigration: @unchecked Sendable {
     /// the destination's SHUT(0). Throws on any channel error or a forced pause.
     private func streamPostcopy(_ ch: MigrationChannel) throws {
         cursor = 0
-        windowStart = Sys.monotonicNanos()
-        windowBytes = ch.bytesWritten
+        limiter.reset(now: Sys.monotonicNanos(), sent: ch.bytesWritten, bytesPerSecond: parameters.maxPostcopyBandwidth)
         while toSend.nextSet(from: 0) != nil {
             try checkPaused()
             header.removeAll()
@@ -534,7 +548,8 @@ final class OutgoingMigration: @unchecked Sendable {
             }
             if let hint { cursor = hint }
             // Requested pages always go; the background stream respects max-postcopy-bandwidth.
-            let overBudget = postcopyOverBudget(ch)
+            let delay = postcopyDelay(ch)
+            let overBudget = delay > 0
             var sent = 0
             while !overBudget, sent < 64, let p = toSend.nextSet(from: cursor) ?? toSend.nextSet(from: 0) {
                 if toSend.testAndClear(p) { try sendPage(ch, p, named: first); first = false; sent += 1 }
@@ -549,7 +564,7 @@ final class OutgoingMigration: @unchecked Sendable {
             let left = UInt64(toSend.popcount()) * 4096
             let requestCount = lock.withLock { postcopyRequestCount }
             updateStats { $0.remaining = left; $0.transferred = ch.bytesWritten; $0.postcopyRequests = requestCount }
-            if overBudget { try waitForRequestOrWindow() }
+            if overBudget { try waitForRequestOrWindow(delay) }
         }
         header.removeAll()
         header.eof()
@@ -769,18 +784,14 @@ final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
-    /// Whether the background stream has used this 100 ms window's max-postcopy-bandwidth.
-    private func postcopyOverBudget(_ ch: MigrationChannel) -> Bool {
-        let limit = parameters.maxPostcopyBandwidth
-        guard limit > 0 else { return false }
-        let now = Sys.monotonicNanos()
-        if now - windowStart >= 100_000_000 { windowStart = now; windowBytes = ch.bytesWritten; return false }
-        return ch.bytesWritten - windowBytes >= limit / 10
+    /// How long the background stream must wait for max-postcopy-bandwidth (0: go on).
+    private func postcopyDelay(_ ch: MigrationChannel) -> UInt64 {
+        limiter.delay(sent: ch.bytesWritten, now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxPostcopyBandwidth)
     }
 
     /// Sleeps until the window ends, or until a page request arrives (served at once).
-    private func waitForRequestOrWindow() throws {
-        let wake = windowStart + 100_000_000
+    private func waitForRequestOrWindow(_ delay: UInt64) throws {
+        let wake = Sys.monotonicNanos() + delay
         try lock.withLock {
             while requests.isEmpty {
                 if let e = rpError { throw MigrationError(.io, "return path failed in postcopy: \(e)") }
@@ -807,6 +818,8 @@ final class OutgoingMigration: @unchecked Sendable {
                         if v == Wire.pingPackagedLoaded { lock.withLock { postcopyLoaded = true; lock.broadcast() } }
                     case .switchoverAck:
                         continue
+                    case .error(let text):
+                        lock.withLock { destinationError = text; lock.broadcast() }
                     case let .requestPages(blockName, offset, length):
                         let name = blockName ?? lock.withLock { lastRequestBlock }
                         guard name == block.name else { throw MigrationError(.protocolError, "page request for unknown RAM block \(name ?? "(none)")") }

@@ -23,6 +23,12 @@ public struct PostcopyFaultReport: Sendable {
 
 /// Destination-side accounting: the fault thread records when a missing page was first
 /// touched and by which thread; whichever thread installs the page resolves it.
+///
+/// Every clock read that is compared with a recorded fault happens under `lock`, the lock
+/// that orders the records: a time read before taking it could predate a fault recorded
+/// by another thread meanwhile, and the difference would underflow (it crashed a
+/// destination polled by query-migrate). Differences are also clamped at zero.
+/// Ownership: every mutable field is guarded by `lock`.
 final class PostcopyFaultTracker: @unchecked Sendable {
     private let lock = Monitor()
     private var pending: [Int: (start: UInt64, vcpu: Bool)] = [:]
@@ -34,16 +40,14 @@ final class PostcopyFaultTracker: @unchecked Sendable {
     init() { latenciesNs.reserveCapacity(1 << 16) }
 
     func faulted(page: Int, vcpu: Bool) {
-        let now = Sys.monotonicNanos()
-        lock.withLock { if pending[page] == nil { pending[page] = (now, vcpu) } }
+        lock.withLock { if pending[page] == nil { pending[page] = (Sys.monotonicNanos(), vcpu) } }
     }
 
     /// Cheap when nothing waits on `page` (the common case for background pages).
     func installed(page: Int) {
-        let now = Sys.monotonicNanos()
         lock.withLock {
             guard let f = pending.removeValue(forKey: page) else { return }
-            let ns = now - f.start
+            let ns = Sys.nanosSince(f.start)
             latenciesNs.append(ns)
             let us = ns / 1000
             let bucket = us == 0 ? 0 : min(23, 63 - us.leadingZeroBitCount)
@@ -55,9 +59,8 @@ final class PostcopyFaultTracker: @unchecked Sendable {
     var hasPending: Bool { lock.withLock { !pending.isEmpty } }
 
     func report(samples: Bool = false) -> PostcopyFaultReport {
-        let now = Sys.monotonicNanos()
         let (lat, vf, blocked, dist, waiting) = lock.withLock {
-            (latenciesNs, vcpuFaults, vcpuBlockedNs, distribution, pending.values.filter(\.vcpu).map { now - $0.start }.reduce(0, +))
+            (latenciesNs, vcpuFaults, vcpuBlockedNs, distribution, pending.values.filter(\.vcpu).map { Sys.nanosSince($0.start) }.reduce(0, +))
         }
         var r = PostcopyFaultReport()
         r.faults = lat.count

@@ -108,7 +108,8 @@ enum Socket {
 
 public enum Transport {
     /// Opens the outgoing channel for `uri`; with `tls`, completes a TLS handshake on it first.
-    public static func connect(_ uri: MigrationURI, tls: ChannelSecurity? = nil) throws -> MigrationChannel {
+    /// `isCancelled` is polled while waiting for a reader of a `file:` FIFO.
+    public static func connect(_ uri: MigrationURI, tls: ChannelSecurity? = nil, isCancelled: () -> Bool = { false }) throws -> MigrationChannel {
         if let tls {
             guard uri.isBidirectional else { throw MigrationError(.config, "TLS needs a tcp: or unix: migration address, not \(uri)") }
             let ch = try connect(uri)
@@ -139,10 +140,24 @@ public enum Transport {
         case let .exec(command):
             return try spawn(command, childFd: 0, uri: uri)
         case let .file(path):
-            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { throw MigrationError(.connect, "cannot create \(path)", cause: SysError(errno: errno, call: "open")) }
-            return MigrationChannel(fd: fd, description: uri.description)
+            // Non-blocking: a FIFO without a reader (ENXIO) is waited for here, where cancel
+            // can end the wait, and a full one in the channel's writer, which abort wakes.
+            while true {
+                let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, 0o600)
+                if fd >= 0 { return MigrationChannel(fd: fd, description: uri.description) }
+                let e = errno
+                guard e == ENXIO || e == EINTR else { throw MigrationError(.connect, "cannot create \(path)", cause: SysError(errno: e, call: "open")) }
+                if isCancelled() { throw MigrationError(.cancelled, "migration cancelled while \(path) had no reader") }
+                usleep(20_000)
+            }
         }
+    }
+
+    /// After a failed or cancelled `file:` migration: a partial stream is useless and may
+    /// fill a disk; a regular file is removed (a FIFO or device is left alone).
+    static func removePartialFile(_ path: String) {
+        var st = stat()
+        if lstat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFREG { unlink(path) }
     }
 
     /// Runs `sh -c command` with one end of a socketpair as its stdin (`childFd` 0, outgoing)
@@ -156,11 +171,17 @@ public enum Transport {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, sv[1], childFd)
+        // Its own process group, so a cancel can end the command and whatever it started.
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETPGROUP))
+        posix_spawnattr_setpgroup(&attr, 0)
         var pid: pid_t = 0
         let args = ["/bin/sh", "-c", command]
         var cargs = args.map { strdup($0) } + [nil]
         defer { for p in cargs { free(p) } }
-        let r = posix_spawn(&pid, "/bin/sh", &actions, nil, &cargs, environ)
+        let r = posix_spawn(&pid, "/bin/sh", &actions, &attr, &cargs, environ)
         Sys.close(sv[1])
         guard r == 0 else {
             Sys.close(sv[0])
@@ -177,7 +198,8 @@ public final class MigrationListener: @unchecked Sendable {
     public let uri: MigrationURI
     /// With credentials, every accepted connection must complete a TLS handshake.
     public let tls: TLSCredentials?
-    private let fd: Int32
+    /// The listening socket (-1 for exec:/file:), for callers that poll it with others.
+    public let fd: Int32
     private var closed = false
     private let lock = Monitor()
     /// The bound address (with the real port when the URI asked for port 0).
@@ -221,17 +243,27 @@ public final class MigrationListener: @unchecked Sendable {
     /// certificate we do not trust) is an error of code `.tls`, and the listener stays open.
     public func accept() throws -> MigrationChannel {
         let ch = try acceptRaw()
-        guard let tls else { return ch }
+        try secure(ch)
+        return ch
+    }
+
+    /// With credentials, completes the server side of a TLS handshake on an accepted
+    /// channel; a peer that fails it is an error of code `.tls` (the channel is closed).
+    public func secure(_ ch: MigrationChannel) throws {
+        guard let tls else { return }
         do {
             ch.attach(try TLSSession.server(fd: ch.fd, credentials: tls, timeoutMs: ChannelSecurity.handshakeTimeoutMs))
-            return ch
         } catch {
             ch.close()
             throw MigrationError(.tls, "refused a connection on \(uri)", cause: error)
         }
     }
 
-    private func acceptRaw() throws -> MigrationChannel {
+    public var isSocket: Bool { fd >= 0 }
+    public var isClosed: Bool { lock.withLock { closed } }
+
+    /// The next connection as it comes (no TLS handshake yet).
+    public func acceptRaw() throws -> MigrationChannel {
         switch uri {
         case .tcp, .unix:
             while true {

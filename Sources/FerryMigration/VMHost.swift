@@ -25,6 +25,22 @@ public final class VMHost: @unchecked Sendable {
     private var subscribers: [@Sendable (MigrationEvent) -> Void] = []
     /// QOM-style objects by id: the TLS credentials `tls-creds` may name.
     private var tlsObjects: [String: TLSCredentials] = [:]
+    /// A `stop` that could not park the vCPU yet (it waits in the kernel for a postcopy
+    /// page): the state turns `paused` and STOP is sent when it parks; `cont` cancels it.
+    private var stopPending = false
+    /// The incoming migration took its capabilities (its stream arrived): from here on they
+    /// can no longer change.
+    private var incomingCapabilitiesTaken = false
+
+    /// Called (on a migration thread) when the incoming migration failed and this process
+    /// has nothing left to do: no guest, and no source that still needs an answer from it.
+    public var onIncomingFailure: (@Sendable (String) -> Void)? {
+        get { lock.withLock { _onIncomingFailure } }
+        set { lock.withLock { _onIncomingFailure = newValue } }
+    }
+    private var _onIncomingFailure: (@Sendable (String) -> Void)?
+
+    func incomingFailed(_ why: String) { onIncomingFailure?(why) }
 
     /// `incoming`: the VM waits for a migration stream instead of booting a guest.
     public init(machine: Machine, incoming: Bool) {
@@ -54,17 +70,29 @@ public final class VMHost: @unchecked Sendable {
         lock.withLock { (outgoing?.status.isRunning ?? false) || (incoming?.status.isRunning ?? false) }
     }
 
+    /// Capabilities may change while no migration runs, and on a destination that is only
+    /// listening (its stream has not arrived yet), as in QEMU.
     public func setCapabilities(_ caps: [(MigrationCapability, Bool)]) throws {
-        guard !migrationRunning else { throw MigrationError(.state, "There's a migration process in progress") }
         for (c, on) in caps where on && c.isUnsupported {
             throw MigrationError(.unsupported, "capability '\(c.rawValue)' is not supported by Ferry")
         }
-        var next = capabilities
-        for (c, on) in caps { if on { next.insert(c) } else { next.remove(c) } }
-        if next.contains(.postcopyPreempt) && !next.contains(.postcopyRAM) {
-            throw MigrationError(.config, "Postcopy preempt requires postcopy-ram")
+        try lock.withLock {
+            if outgoing?.status.isRunning ?? false { throw MigrationError(.state, "There's a migration process in progress") }
+            if let i = incoming, i.status.isRunning, incomingCapabilitiesTaken {
+                throw MigrationError(.state, "There's a migration process in progress (incoming \(i.status.rawValue)): capabilities are fixed once the stream arrived")
+            }
+            var next = _capabilities
+            for (c, on) in caps { if on { next.insert(c) } else { next.remove(c) } }
+            if next.contains(.postcopyPreempt) && !next.contains(.postcopyRAM) {
+                throw MigrationError(.config, "Postcopy preempt requires postcopy-ram")
+            }
+            _capabilities = next
         }
-        lock.withLock { _capabilities = next }
+    }
+
+    /// The incoming migration's capabilities, taken once when its stream arrives.
+    func takeIncomingCapabilities() -> Set<MigrationCapability> {
+        lock.withLock { incomingCapabilitiesTaken = true; return _capabilities }
     }
 
     /// Applies new parameters; bandwidth changes take effect immediately in a running migration.
@@ -113,8 +141,14 @@ public final class VMHost: @unchecked Sendable {
 
     // MARK: run control
 
-    /// Starts the guest the first time (prelaunch) or resumes it after `stop`.
-    public func cont() throws {
+    /// Starts the guest the first time (prelaunch) or resumes it after `stop`. A guest that
+    /// migrated away (the outgoing migration completed) is not resumed here unless `force`:
+    /// it runs on the destination, and running it here too would run one guest on two
+    /// hosts. While postcopy splits its state, not even `force` resumes it.
+    public func cont(force: Bool = false) throws {
+        if lock.withLock({ defer { stopPending = false }; return stopPending }) {
+            machine.resume() // cancels the stop still waiting for the vCPU
+        }
         switch runState {
         case .inmigrate: throw MigrationError(.state, "the guest is waiting for an incoming migration")
         case .shutdown, .internalError: throw MigrationError(.state, "the guest cannot run: \(runState.rawValue) (\(machine.lastError ?? ""))")
@@ -123,8 +157,12 @@ public final class VMHost: @unchecked Sendable {
         case .prelaunch:
             try machine.start()
         case .paused, .postmigrate:
-            if lock.withLock({ outgoing?.guestHandedOver ?? false }) {
+            let (handedOver, completed) = lock.withLock { (outgoing?.guestHandedOver ?? false, outgoing?.status == .completed) }
+            if handedOver && !completed {
                 throw MigrationError(.state, "the guest runs on the destination after postcopy; resuming it here would split it in two")
+            }
+            if completed && !force {
+                throw MigrationError(.state, "the guest migrated to the destination (migration completed); running it here too would run it on two hosts. Use cont with x-force=true if the destination's copy is gone")
             }
             machine.resume()
         }
@@ -132,14 +170,53 @@ public final class VMHost: @unchecked Sendable {
         emit(.resume)
     }
 
-    public func stop() {
-        guard runState == .running else { return }
-        // A vCPU blocked on a missing postcopy page parks only when the page arrives; `stop`
-        // must not hang QMP meanwhile (the pause takes effect then).
+    /// What `stop` achieved.
+    public enum StopOutcome: Sendable { case stopped, alreadyStopped, pending }
+
+    /// Stops the guest. A vCPU blocked in the kernel on a missing postcopy page cannot park
+    /// until the page arrives: then the stop stays pending (the state says `running`, which
+    /// is true) and completes by itself, with its STOP event, when the vCPU parks.
+    @discardableResult
+    public func stop() -> StopOutcome {
+        guard runState == .running else { return .alreadyStopped }
+        // A signal makes KVM retry a userfaultfd fault in a busy loop: while pages may be
+        // missing, the vCPU is asked to stop at its next exit instead of kicked.
         let waitingForPages = lock.withLock { incoming?.status.isPostcopy ?? false }
-        _ = machine.pause(timeoutNanos: 500_000_000, kick: !waitingForPages)
-        setRunState(.paused)
-        emit(.stop)
+        if machine.pause(timeoutNanos: 500_000_000, kick: !waitingForPages) {
+            setRunState(.paused)
+            emit(.stop)
+            return .stopped
+        }
+        let first: Bool = lock.withLock { defer { stopPending = true }; return !stopPending }
+        if first {
+            do {
+                try KernelThread.detached(name: "vm/stop") { [weak self, machine] in
+                    let parked = machine.waitUntilParked()
+                    guard let self else { return }
+                    let still: Bool = self.lock.withLock { defer { self.stopPending = false }; return self.stopPending }
+                    guard parked, still, self.runState == .running else { return }
+                    self.setRunState(.paused)
+                    self.emit(.stop)
+                }
+            } catch {
+                lock.withLock { stopPending = false }
+                machine.resume()
+            }
+        }
+        return .pending
+    }
+
+    /// Why this process must not exit now, or nil: while postcopy splits the guest's state
+    /// between the two hosts, exiting either side loses the guest.
+    public var exitRefusal: String? {
+        let (o, i) = lock.withLock { (outgoing, incoming) }
+        if let o, o.guestHandedOver, o.status.isPostcopy {
+            return "a postcopy migration is in progress (\(o.status.rawValue)): the destination runs the guest but still needs pages only this process has; exiting now loses the guest"
+        }
+        if let i, i.status.isPostcopy {
+            return "a postcopy migration is in progress (\(i.status.rawValue)): the guest runs here but pages it still needs are only on the source; exiting now loses the guest"
+        }
+        return nil
     }
 
     /// Boots the built-in test guest or a boot sector and runs it.
@@ -213,7 +290,10 @@ public final class VMHost: @unchecked Sendable {
     /// Before the process exits: a destination still in postcopy lets go of the guest's
     /// missing pages (they become zero pages), so the vCPU can stop.
     public func prepareForExit() {
-        lock.withLock { incoming }?.releaseGuestMemory()
+        let (o, i) = lock.withLock { (outgoing, incoming) }
+        i?.releaseGuestMemory()
+        // A precopy still running is cancelled, so an exec: command does not outlive us.
+        if let o, o.status.isRunning, (try? o.cancel()) != nil { _ = waitForMigration(seconds: 2) }
     }
 
     public func cancel() throws {

@@ -12,21 +12,19 @@ public final class QMPClient: @unchecked Sendable {
     public private(set) var events: [[String: Any]] = []
     private var nextID = 1
 
+    /// Connects to the QMP socket at `path`, retrying for up to `timeoutSeconds` while the
+    /// socket is not there yet or not yet listening (a VM process that is starting); 0 tries
+    /// once.
     public init(path: String, timeoutSeconds: Double = 10) throws {
+        Sys.ignoreSIGPIPE()
         let deadline = Sys.monotonicNanos() + UInt64(timeoutSeconds * 1e9)
-        var lastErr: Int32 = 0
         while true {
-            let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            var sa = sockaddr_un()
-            sa.sun_family = sa_family_t(AF_UNIX)
-            let u = Array(path.utf8)
-            withUnsafeMutableBytes(of: &sa.sun_path) { for i in 0..<min(u.count, 107) { $0[i] = u[i] } }
-            let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-            if r == 0 { fd = s; break }
-            lastErr = errno
-            Glibc.close(s)
-            if Sys.monotonicNanos() > deadline { throw SysError(errno: lastErr, call: "connect(\(path))") }
-            usleep(20_000)
+            do {
+                fd = try UnixSocket.connect(path)
+                break
+            } catch let e as SysError where (e.errno == ENOENT || e.errno == ECONNREFUSED) && Sys.monotonicNanos() < deadline {
+                usleep(20_000)
+            }
         }
         let greeting = try readMessage()
         guard greeting["QMP"] != nil else { throw QMPError("not a QMP server: \(greeting)") }

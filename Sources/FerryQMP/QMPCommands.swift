@@ -24,12 +24,18 @@ enum QMPCommands {
             let s = host.runState
             return ["running": s == .running, "singlestep": false, "status": s.rawValue]
         case "stop":
-            host.stop()
+            if host.stop() == .pending {
+                throw QMPError("the vCPU waits in the kernel for a page the source has not sent yet (migration \(host.queryMigrate().status.rawValue)); it stops as soon as that page arrives, with a STOP event. 'cont' cancels the stop")
+            }
             return [String: Any]()
         case "cont":
-            try host.cont()
+            try host.cont(force: try optionalBool(args, "x-force") ?? false)
             return [String: Any]()
         case "quit":
+            // Ferry's x-force: exit even while postcopy splits the guest between two hosts.
+            if !(try optionalBool(args, "x-force") ?? false), let why = host.exitRefusal {
+                throw QMPError("refusing to quit: \(why). Recover the migration first, or quit with x-force=true")
+            }
             return [String: Any]()
         case "pmemsave":
             try pmemsave(args, host.machine.memory)

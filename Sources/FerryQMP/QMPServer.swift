@@ -58,7 +58,7 @@ public final class QMPServer: @unchecked Sendable {
                     return outbox
                 }
                 guard let chunk else { return }
-                let ok = chunk.withUnsafeBytes { (try? Sys.writeAll(fd, $0)) != nil }
+                let ok = chunk.withUnsafeBytes { (try? Sys.sendAll(fd, $0)) != nil }
                 if !ok {
                     outLock.withLock { dead = true; outbox.removeAll() }
                     _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
@@ -71,20 +71,19 @@ public final class QMPServer: @unchecked Sendable {
         func finish() { outLock.withLock { dead = true; outLock.broadcast() } }
     }
 
+    /// Binds `path`: a stale socket there is replaced, a live one (another VM's) or a
+    /// file that is not a socket is refused.
     public init(path: String, host: VMHost) throws {
+        Sys.ignoreSIGPIPE() // a client that goes away is EPIPE on its socket, never the VM's end
         self.path = path
         self.host = host
-        unlink(path)
+        try UnixSocket.claim(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw SysError(errno: errno, call: "socket") }
-        var sa = sockaddr_un()
-        sa.sun_family = sa_family_t(AF_UNIX)
-        let u = Array(path.utf8)
-        guard u.count < 108 else { Sys.close(fd); throw SysError(errno: ENAMETOOLONG, call: "bind(\(path))") }
-        withUnsafeMutableBytes(of: &sa.sun_path) { for i in 0..<u.count { $0[i] = u[i] } }
         // The socket controls the VM: only its owner may connect.
         let old = umask(0o077)
-        let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        let r: Int32
+        do { r = try UnixSocket.withAddress(path) { bind(fd, $0, $1) } } catch { umask(old); Sys.close(fd); throw error }
         umask(old)
         guard r == 0, listen(fd, 16) == 0 else {
             let e = errno; Sys.close(fd); throw SysError(errno: e, call: "bind/listen(\(path))")
@@ -98,26 +97,54 @@ public final class QMPServer: @unchecked Sendable {
         acceptThread = try KernelThread(name: "qmp/accept") { [self] in
             while true {
                 let c = accept(listenFd, nil, nil)
-                if c < 0 { if errno == EINTR { continue }; return }
+                if c < 0 {
+                    if errno == EINTR || errno == ECONNABORTED { continue }
+                    // Out of fds or memory: wait and keep serving, never stop accepting for good.
+                    if errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM { usleep(100_000); continue }
+                    return
+                }
                 _ = fcntl(c, F_SETFD, FD_CLOEXEC)
-                let full = lock.withLock { clients.count >= Self.maxClients }
-                if full {
-                    let msg = Array(#"{"error": {"class": "GenericError", "desc": "too many QMP clients"}}"#.utf8) + [13, 10]
-                    _ = msg.withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-                    Sys.close(c)
-                    continue
-                }
-                let client = Client(fd: c)
-                lock.withLock { clients[c] = client }
-                let writer = try? KernelThread(name: "qmp/writer") { client.drain() }
-                _ = try? KernelThread(name: "qmp/client") { [self] in
-                    serve(client)
-                    client.finish()
-                    writer?.join()
-                    Sys.close(client.fd)
-                }
+                admit(c)
             }
         }
+    }
+
+    /// Serves a new connection on two detached threads (reader, writer). When they cannot be
+    /// made, the client is told why and closed; nothing is left behind.
+    private func admit(_ c: Int32) {
+        let full = lock.withLock { clients.count >= Self.maxClients }
+        if full { refuse(c, "too many QMP clients"); return }
+        let client = Client(fd: c)
+        lock.withLock { clients[c] = client }
+        let writer: KernelThread
+        do { writer = try KernelThread(name: "qmp/writer") { client.drain() } } catch {
+            lock.withLock { _ = clients.removeValue(forKey: c) }
+            refuse(c, "cannot serve this client: \(error)")
+            return
+        }
+        do {
+            try KernelThread.detached(name: "qmp/client") { [self] in
+                serve(client)
+                client.finish()
+                writer.join()
+                Sys.close(client.fd)
+            }
+        } catch {
+            lock.withLock { _ = clients.removeValue(forKey: c) }
+            client.finish()
+            _ = Glibc.shutdown(c, Int32(SHUT_RDWR))
+            writer.join()
+            refuse(c, "cannot serve this client: \(error)")
+        }
+    }
+
+    private func refuse(_ c: Int32, _ why: String) {
+        let reply: [String: Any] = ["error": ["class": "GenericError", "desc": why]]
+        if var msg = try? JSONSerialization.data(withJSONObject: reply, options: [.sortedKeys]) {
+            msg.append(contentsOf: [13, 10])
+            _ = msg.withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
+        }
+        Sys.close(c)
     }
 
     public func close() {
@@ -167,8 +194,9 @@ public final class QMPServer: @unchecked Sendable {
                     switch QMPRequest.parse(bytes) {
                     case .failure(let e): client.send(error(e.error, id: e.id))
                     case .success(let request):
-                        client.send(handle(request, client))
-                        if request.name == "quit" { onQuit?() }
+                        let reply = handle(request, client)
+                        client.send(reply)
+                        if request.name == "quit", reply["return"] != nil { onQuit?() }
                     }
                 }
             }

@@ -60,6 +60,16 @@ public enum Sys {
         }
     }
 
+    /// Sends all of `buffer` on a socket with MSG_NOSIGNAL: a peer that went away is EPIPE,
+    /// never SIGPIPE.
+    public static func sendAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SysError) {
+        var done = 0
+        while done < buffer.count {
+            let n = try libc("send") { Glibc.send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL)) }
+            done += n
+        }
+    }
+
     /// Reads exactly `buffer.count` bytes; returns false on EOF before the first byte,
     /// throws ECONNRESET-like `SysError(errno: EPIPE)` on EOF mid-buffer.
     public static func readExactly(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) throws(SysError) -> Bool {
@@ -101,6 +111,18 @@ public enum Sys {
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
+
+    /// Nanoseconds from `start` to now, never negative: `start` may come from another thread's
+    /// clock read that raced with ours (a plain difference would trap on underflow).
+    public static func nanosSince(_ start: UInt64) -> UInt64 {
+        let now = monotonicNanos()
+        return now >= start ? now - start : 0
+    }
+
+    /// A peer, a pipe or a client that goes away must be an EPIPE error on that fd, never a
+    /// signal that kills the process (and its guest). Idempotent; call before any write.
+    public static func ignoreSIGPIPE() { _ = sigpipeIgnored }
+    private static let sigpipeIgnored: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
 
     public static func wallClock() -> (seconds: Int, microseconds: Int) {
         var tv = timeval()

@@ -84,4 +84,8 @@ public enum ReturnPathType: UInt16, Sendable {
     case recvBitmap = 5
     case resumeAck = 6
     case switchoverAck = 7
+    /// Ferry's own: the destination's error text (UTF-8), sent just before SHUT(1), so the
+    /// source reports the reason rather than the broken pipe that follows. A QEMU source
+    /// fails on it as on the SHUT.
+    case xError = 0x7f01
 }

@@ -267,6 +267,8 @@ public enum ReturnPathMessage: Sendable, Equatable {
     case receivedBitmap(block: String)
     case resumeAck(UInt32)
     case switchoverAck
+    /// Ferry's own: why the destination failed (before its SHUT).
+    case error(String)
 }
 
 public enum ReturnPathDecoder {
@@ -282,6 +284,9 @@ public enum ReturnPathDecoder {
         case .pong: try exact(4); return .pong(try p.be32())
         case .resumeAck: try exact(4); return .resumeAck(try p.be32())
         case .switchoverAck: try exact(0); return .switchoverAck
+        case .xError:
+            guard let text = String(validating: try p.bytes(len), as: UTF8.self) else { throw WireError(.badLength, "error message is not UTF-8") }
+            return .error(text)
         case .reqPages:
             try exact(12)
             return .requestPages(block: nil, offset: try p.be64(), length: try p.be32())

@@ -103,6 +103,12 @@ extension WireBuffer {
 
     public mutating func rpPong(_ v: UInt32) { var p = WireBuffer(); p.be32(v); returnPath(.pong, p.bytes) }
     public mutating func rpShut(_ v: UInt32) { var p = WireBuffer(); p.be32(v); returnPath(.shut, p.bytes) }
+    /// Ferry's error message: `text` cut at a character boundary to fit one message.
+    public mutating func rpError(_ text: String) {
+        var cut = Substring(text)
+        while cut.utf8.count > Wire.maxReturnPathLength { cut = cut.dropLast() }
+        returnPath(.xError, Array(cut.utf8))
+    }
     public mutating func rpResumeAck() { var p = WireBuffer(); p.be32(Wire.resumeAckValue); returnPath(.resumeAck, p.bytes) }
 
     /// A page request; with `block` the long form (REQ_PAGES_ID), else REQ_PAGES.

@@ -12,13 +12,28 @@ struct Ferry: ParsableCommand {
         commandName: "ferry",
         abstract: "Live migration of KVM virtual machines.",
         subcommands: [Run.self, Migrate.self, Demo.self, GuestImage.self, CheckMemory.self])
+
+    static func main() {
+        Sys.ignoreSIGPIPE() // before any thread: no write to a vanished reader kills ferry
+        main(nil)
+    }
 }
 
-/// Parses sizes as QEMU does: plain bytes or a K/M/G/T suffix (powers of 1024).
-struct ByteSize: ExpressibleByArgument {
+/// Parses sizes as QEMU does: plain bytes (decimal or 0x hex) or a K/M/G/T suffix (powers
+/// of 1024). A size that does not fit in 64 bits is refused, never wrapped or trapped.
+struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
     let bytes: Int
     init?(argument: String) {
-        var s = argument.uppercased()
+        guard let b = ByteSize.parse(argument) else { return nil }
+        bytes = b
+    }
+
+    static func parse(_ text: String) -> Int? {
+        var s = text.uppercased()
+        if s.hasPrefix("0X") {
+            guard let v = Int(s.dropFirst(2), radix: 16), v > 0 else { return nil }
+            return v
+        }
         if s.hasSuffix("IB") { s.removeLast(2) } else if s.hasSuffix("B") { s.removeLast() }
         var mult = 1
         if let last = s.last, let k = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40][String(last)] {
@@ -26,8 +41,12 @@ struct ByteSize: ExpressibleByArgument {
             s.removeLast()
         }
         guard let v = Int(s), v > 0 else { return nil }
-        bytes = v * mult
+        let (product, overflow) = v.multipliedReportingOverflow(by: mult)
+        return overflow ? nil : product
     }
+
+    var description: String { bytes % (1 << 20) == 0 ? "\(bytes >> 20)M" : "\(bytes)" }
+    static var helpText: String { "bytes, 0x hex, or with a K/M/G/T suffix" }
 }
 
 extension SerialSink: ExpressibleByArgument {
@@ -41,7 +60,10 @@ extension SerialSink: ExpressibleByArgument {
 }
 
 /// Blocks SIGINT/SIGTERM in every thread (call before starting any) and returns a waiter.
+/// SIGPIPE is ignored too: a QMP client, a pipe on --serial stdio or a peer that goes away
+/// is an EPIPE error where it matters, never the end of the VM.
 func blockTerminationSignals() -> () -> Int32 {
+    Sys.ignoreSIGPIPE()
     var set = sigset_t()
     sigemptyset(&set)
     sigaddset(&set, SIGINT)
@@ -73,7 +95,7 @@ enum FileHandleStderr {
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run a VM until interrupted (or until QMP 'quit').")
 
-    @Option(help: "Guest RAM size (e.g. 256M, 1G).")
+    @Option(help: "Guest RAM size (\(ByteSize.helpText), e.g. 256M, 1G).")
     var memory: ByteSize = ByteSize(argument: "256M")!
 
     @Option(help: "A raw disk image whose first sector is a boot sector. Default: the built-in test guest.")
@@ -82,11 +104,14 @@ struct Run: ParsableCommand {
     @Option(help: "Where guest serial (COM1) output goes: stdio, none, or a file path.")
     var serial: SerialSink = .stdout
 
-    @Option(help: "QMP control socket path (created with mode 0600).")
+    @Option(help: "QMP control socket path (created with mode 0600; refused if another process listens there).")
     var qmp: String?
 
     @Option(help: "Wait for an incoming migration on URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH), or 'defer' for QMP migrate-incoming.")
     var incoming: String?
+
+    @Flag(help: "Keep running after a failed incoming migration (default: print the error and exit 1, as QEMU does).")
+    var keepOnIncomingFailure = false
 
     @Flag(name: [.customShort("S"), .long], help: "Do not start the guest until QMP 'cont'.")
     var paused = false
@@ -96,6 +121,7 @@ struct Run: ParsableCommand {
 
     func run() throws {
         let waitForSignal = blockTerminationSignals()
+        let quit = QuitRequest()
         let host: VMHost
         var server: QMPServer?
         do {
@@ -104,8 +130,15 @@ struct Run: ParsableCommand {
             for o in objects { try host.addObject(try QOMObjects.create(try QOMObjects.parseCommandLine(o))) }
             if let qmp {
                 server = try QMPServer(path: qmp, host: host)
-                server?.onQuit = { kill(getpid(), SIGTERM) }
+                server?.onQuit = { quit.request() }
                 try server?.start()
+            }
+            if incoming != nil && !keepOnIncomingFailure {
+                // As QEMU: a destination whose incoming migration failed has nothing to run.
+                host.onIncomingFailure = { why in
+                    FileHandleStderr.write("ferry: incoming migration failed: \(why)\n")
+                    quit.request(exitCode: 1)
+                }
             }
             if let incoming {
                 if incoming != "defer" { try host.migrateIncoming(uri: incoming) }
@@ -119,14 +152,43 @@ struct Run: ParsableCommand {
         } catch {
             fail("\(error)")
         }
-        _ = waitForSignal()
+        // SIGTERM/SIGINT end the VM, except the first one while postcopy splits the guest
+        // between two hosts: exiting then loses the guest, so say why and wait for a second.
+        var warned = false
+        while true {
+            let sig = waitForSignal()
+            if quit.requested { break }
+            if !warned, let why = host.exitRefusal {
+                warned = true
+                let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
+                FileHandleStderr.write("ferry: not exiting on \(name): \(why). Send it again (or SIGKILL) to exit anyway.\n")
+                server?.broadcast("X_EXIT_REFUSED", ["signal": name, "reason": why])
+                continue
+            }
+            break
+        }
         server?.close()
         host.prepareForExit()
         host.machine.stop()
         if host.machine.unhandledIOCount > 0 {
             FileHandleStderr.write("ferry: \(host.machine.unhandledIOCount) accesses to unmodelled I/O ports were ignored\n")
         }
+        if quit.exitCode != 0 { throw ExitCode(quit.exitCode) }
     }
+}
+
+/// An exit asked for from another thread (QMP `quit`, a failed incoming migration): wakes
+/// the main thread's signal wait with SIGTERM. Ownership: fields guarded by `lock`.
+final class QuitRequest: @unchecked Sendable {
+    private let lock = Monitor()
+    private var _requested = false
+    private var _exitCode: Int32 = 0
+    func request(exitCode: Int32 = 0) {
+        lock.withLock { _requested = true; _exitCode = max(_exitCode, exitCode) }
+        kill(getpid(), SIGTERM)
+    }
+    var requested: Bool { lock.withLock { _requested } }
+    var exitCode: Int32 { lock.withLock { _exitCode } }
 }
 
 func readFile(_ path: String) throws -> [UInt8] {
@@ -161,6 +223,9 @@ struct GuestImage: ParsableCommand {
     var output: String
 
     func run() throws {
+        guard memory.bytes >= 2 << 20, memory.bytes <= Machine.maxMemory else {
+            fail("--memory \(memory.bytes): the test guest runs in 2 MiB to \(Machine.maxMemory >> 20) MiB of RAM")
+        }
         let top = TestGuest.top(forMemory: memory.bytes)
         do { try writeFile(output, TestGuest.image(top: top)) } catch { fail("\(error)") }
         print("wrote \(output): 512-byte boot sector, TOP = 0x\(String(top, radix: 16))")
@@ -179,12 +244,11 @@ struct CheckMemory: ParsableCommand {
     var top: String
 
     func run() throws {
-        let topValue: UInt64
-        if top.hasPrefix("0x"), let v = UInt64(top.dropFirst(2), radix: 16) { topValue = v }
-        else if let b = ByteSize(argument: top) { topValue = UInt64(b.bytes) }
-        else { fail("bad --top \(top)") }
+        guard let b = ByteSize.parse(top) else { fail("bad --top \(top): expected \(ByteSize.helpText)") }
+        let topValue = UInt64(b)
         let bytes: [UInt8]
         do { bytes = try readFile(dump) } catch { fail("\(error)") }
+        guard bytes.count > 0x10_0000 else { fail("\(dump) holds \(bytes.count) bytes; the test guest's pages start at 1 MiB") }
         let report = bytes.withUnsafeBytes { MemoryChecker(top: topValue).check($0) }
         print(report)
         if !report.passed { throw ExitCode(1) }

@@ -79,8 +79,11 @@ struct Migrate: ParsableCommand {
     var tlsHostname: String?
 
     func run() throws {
+        let c: QMPClient
+        do { c = try QMPClient(path: qmp, timeoutSeconds: 0) } catch {
+            fail("cannot reach the source VM's QMP socket \(qmp): \(error)")
+        }
         do {
-            let c = try QMPClient(path: qmp)
             var params: [String: Any] = [:]
             if let maxBandwidth { params["max-bandwidth"] = maxBandwidth }
             if let downtimeLimit { params["downtime-limit"] = downtimeLimit }
