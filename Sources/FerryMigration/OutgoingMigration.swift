@@ -528,7 +528,7 @@ final class OutgoingMigration: @unchecked Sendable {
     /// the destination's SHUT(0). Throws on any channel error or a forced pause.
     private func streamPostcopy(_ ch: MigrationChannel) throws {
         cursor = 0
-        limiter.reset(now: Sys.monotonicNanos(), sent: ch.bytesWritten, bytesPerSecond: parameters.maxPostcopyBandwidth)
+        limiter.reset(now: Sys.monotonicNanos(), sent: ch.bytesWritten, bytesPerSecond: parameters.maxPostcopyBandwidth, carriesDebt: false)
         while toSend.nextSet(from: 0) != nil {
             try checkPaused()
             header.removeAll()

@@ -59,3 +59,13 @@ struct RateLimiterTests {
         #expect(b.delay(sent: 0, now: 6100 * ms, bytesPerSecond: 1000) == 0)
     }
 }
+
+extension RateLimiterTests {
+    @Test("postcopy's limiter forgets an overrun when its window ends (requested pages never starve the background stream)")
+    func noDebt() {
+        var l = RateLimiter(now: 0, sent: 0)
+        l.reset(now: 0, sent: 0, bytesPerSecond: 1_000_000, carriesDebt: false) // 100 kB per window
+        #expect(l.delay(sent: 10_000_000, now: 1, bytesPerSecond: 1_000_000) > 0)
+        #expect(l.delay(sent: 10_000_000, now: 100_000_001, bytesPerSecond: 1_000_000) == 0)
+    }
+}

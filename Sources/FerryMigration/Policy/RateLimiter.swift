@@ -5,8 +5,10 @@
 /// larger than a whole window's budget at low limits) is carried as debt into the next
 /// windows, so the long-run rate is the limit whatever the granularity of the sender;
 /// unused budget is not saved up beyond one window, so an idle spell is no licence for a
-/// burst. Debt is bounded (`maxDebt`): postcopy sends requested pages whatever the budget,
-/// and they must not starve the background stream for long. One answer never asks for
+/// burst. Debt is bounded (`maxDebt`). Postcopy's limiter carries none (`carriesDebt`
+/// false): requested pages go whatever the budget, and the background stream gets each
+/// window's budget afresh, as before (QEMU's max-postcopy-bandwidth limits the background
+/// stream, not the guest's page faults). One answer never asks for
 /// more than one window's wait, so a sender that sleeps on it comes back at least every
 /// 100 ms (its heartbeat PINGs ride on that). A limit of 0 means unlimited. A clock that
 /// goes backwards lends no credit; a limit changed mid-pass applies from the next call.
@@ -15,19 +17,22 @@ struct RateLimiter: Sendable, Equatable {
     /// Most debt carried, in bytes: a window's budget, or 256 KiB at low limits (a few
     /// pages that one window's budget cannot hold).
     static func maxDebt(_ budget: Int64) -> Int64 { max(budget, 256 << 10) }
+    /// False: an overrun is forgotten when its window ends (postcopy's background stream).
+    private let carriesDebt: Bool
     private var windowStart: UInt64
     private var lastSent: UInt64
     /// Bytes still allowed in the current window; negative: debt from an overrun.
     private var credit: Int64 = 0
 
-    init(now: UInt64, sent: UInt64) {
+    init(now: UInt64, sent: UInt64, carriesDebt: Bool = true) {
         windowStart = now
         lastSent = sent
+        self.carriesDebt = carriesDebt
     }
 
     /// Starts over at `now` (a new pass, a new channel): no debt, one window's budget.
-    mutating func reset(now: UInt64, sent: UInt64, bytesPerSecond: UInt64) {
-        self = RateLimiter(now: now, sent: sent)
+    mutating func reset(now: UInt64, sent: UInt64, bytesPerSecond: UInt64, carriesDebt: Bool = true) {
+        self = RateLimiter(now: now, sent: sent, carriesDebt: carriesDebt)
         credit = Self.budget(bytesPerSecond)
     }
 
@@ -48,7 +53,7 @@ struct RateLimiter: Sendable, Equatable {
             if windows > 0 {
                 windowStart += windows * Self.periodNanos
                 let (gain, o) = budget.multipliedReportingOverflow(by: Int64(clamping: windows))
-                credit = o ? budget : min(budget, credit.addingReportingOverflow(gain).overflow ? budget : credit + gain)
+                credit = o || !carriesDebt ? budget : min(budget, credit.addingReportingOverflow(gain).overflow ? budget : credit + gain)
             }
         }
         credit = max(credit, -Self.maxDebt(budget))
