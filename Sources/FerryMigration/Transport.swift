@@ -89,17 +89,7 @@ enum Socket {
             defer { freeaddrinfo(res) }
             return try body(ai.pointee.ai_addr, ai.pointee.ai_addrlen, ai.pointee.ai_family)
         case let .unix(path):
-            var sa = sockaddr_un()
-            sa.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &sa.sun_path) { dst in
-                let u = Array(path.utf8)
-                for i in 0..<min(u.count, dst.count - 1) { dst[i] = u[i] }
-            }
-            return try withUnsafePointer(to: &sa) {
-                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    try body($0, socklen_t(MemoryLayout<sockaddr_un>.size), AF_UNIX)
-                }
-            }
+            return try UnixSocket.withAddress(path) { try body($0, $1, AF_UNIX) }
         default:
             throw MigrationError(.badURI, "\(uri) is not a socket address")
         }
@@ -212,7 +202,10 @@ public final class MigrationListener: @unchecked Sendable {
         self.boundURI = uri
         switch uri {
         case .tcp, .unix:
-            if case let .unix(path) = uri { unlink(path) }
+            // A stale socket is replaced; another process's live one, or a file, is not.
+            if case let .unix(path) = uri {
+                do { try UnixSocket.claim(path) } catch { throw MigrationError(.connect, "cannot listen on \(uri)", cause: error) }
+            }
             fd = try Socket.withAddress(uri) { addr, len, family in
                 let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
                 guard fd >= 0 else { throw MigrationError(.connect, "socket() failed", cause: SysError(errno: errno, call: "socket")) }

@@ -53,6 +53,15 @@ func memoryFootprint(_ pid: pid_t) -> (rssKiB: Int, mappings: Int) {
     return (rss, maps)
 }
 
+/// Whether a `sleep SECONDS` process (an exec: migration's command) exists.
+func sleepersExist(_ seconds: String) -> Bool {
+    for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+        guard let pid = pid_t(entry), let cmd = try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8) else { continue }
+        if cmd.contains("sleep\u{0}\(seconds)") || cmd.contains("sleep \(seconds)"), !processEnded(pid) { return true }
+    }
+    return false
+}
+
 /// True once `pid` has exited (a zombie not yet reaped counts as ended).
 func processEnded(_ pid: pid_t) -> Bool {
     guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
@@ -174,6 +183,21 @@ struct SurvivalProcessTests {
         let sock = "\(dir)/hex.qmp"
         let hex = try FerryChild(["run", "--memory", "0x2000000", "--serial", "none", "--qmp", sock])
         #expect(waitUntil { qmpAnswers(sock) }, "--memory 0x2000000 refused: \(hex.stderr)")
+    }
+
+    @Test("quit during a blocked exec: migration leaves no orphaned command behind")
+    func noOrphanAfterQuit() throws {
+        let sock = "\(dir)/orphan.qmp"
+        let vm = try FerryChild(["run", "--memory", "32M", "--serial", "none", "--qmp", sock])
+        #expect(waitUntil { qmpAnswers(sock) })
+        let c = try RawQMP(sock)
+        #expect(c.negotiate())
+        c.send(#"{"execute":"migrate","arguments":{"uri":"exec:sleep 61.5"}}"#)
+        #expect(c.waitFor(#""return""#))
+        usleep(500_000)
+        c.send(#"{"execute":"quit"}"#)
+        #expect(vm.waitExit(seconds: 10) != nil, "quit did not end the VM")
+        #expect(waitUntil(seconds: 3) { !sleepersExist("61.5") }, "the exec: command outlived ferry")
     }
 
     @Test("ferry migrate with a QMP socket that is not there fails at once with the reason")
