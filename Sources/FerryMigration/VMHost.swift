@@ -179,10 +179,15 @@ public final class VMHost: @unchecked Sendable {
     @discardableResult
     public func stop() -> StopOutcome {
         guard runState == .running else { return .alreadyStopped }
-        // A signal makes KVM retry a userfaultfd fault in a busy loop: while pages may be
-        // missing, the vCPU is asked to stop at its next exit instead of kicked.
-        let waitingForPages = lock.withLock { incoming?.status.isPostcopy ?? false }
-        if machine.pause(timeoutNanos: 500_000_000, kick: !waitingForPages) {
+        // A signal makes KVM retry a userfaultfd fault in a busy loop until the page arrives:
+        // while postcopy is paused (no page may come for a long time) the vCPU is asked to
+        // stop at its next exit instead of kicked. While pages flow, the kick parks it as
+        // soon as its page is in.
+        let pagesStalled: Bool = lock.withLock {
+            guard let s = incoming?.status else { return false }
+            return s == .postcopyPaused || s == .postcopyRecover
+        }
+        if machine.pause(timeoutNanos: 500_000_000, kick: !pagesStalled) {
             setRunState(.paused)
             emit(.stop)
             return .stopped
