@@ -20,9 +20,12 @@ public final class FaultProxy: @unchecked Sendable {
     private var triggers: [(Direction, [UInt8], Action)] = []
     private var acceptThread: KernelThread?
     private var closed = false
-    /// Connections accepted so far and failures injected (by action).
-    public private(set) var accepted = 0
-    public private(set) var fired: [String] = []
+    /// Connections accepted so far and failures injected (by action). Read from test
+    /// threads while the pumps write them: guarded by `lock`.
+    public var accepted: Int { lock.withLock { acceptedCount } }
+    public var fired: [String] { lock.withLock { firedActions } }
+    private var acceptedCount = 0
+    private var firedActions: [String] = []
 
     final class Link: @unchecked Sendable {
         let a: Int32, b: Int32 // a: client (source) side, b: upstream (destination) side
@@ -88,7 +91,7 @@ public final class FaultProxy: @unchecked Sendable {
 
     /// Resets every open connection (RST to both peers).
     public func reset() {
-        let links = lock.withLock { defer { connections.removeAll() }; fired.append("reset"); return connections }
+        let links = lock.withLock { defer { connections.removeAll() }; firedActions.append("reset"); return connections }
         for l in links { kill(l) }
     }
 
@@ -130,7 +133,7 @@ public final class FaultProxy: @unchecked Sendable {
             setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
             setsockopt(u, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
             let link = Link(c, u)
-            lock.withLock { connections.append(link); accepted += 1 }
+            lock.withLock { connections.append(link); acceptedCount += 1 }
             let t1 = try? KernelThread(name: "proxy/down") { [self] in pump(link, from: c, to: u, .toDestination) }
             let t2 = try? KernelThread(name: "proxy/up") { [self] in pump(link, from: u, to: c, .toSource) }
             lock.withLock { link.threads = [t1, t2].compactMap { $0 } }
@@ -170,7 +173,7 @@ public final class FaultProxy: @unchecked Sendable {
                 if let i = triggers.firstIndex(where: { $0.0 == dir && contains(hay, $0.1) }) {
                     action = triggers[i].2
                     triggers.remove(at: i)
-                    fired.append("\(action!) \(dir)")
+                    firedActions.append("\(action!) \(dir)")
                 }
             }
             switch action {

@@ -3,6 +3,7 @@ import FerrySys
 import FerryTLS
 import FerryWire
 import Glibc
+import Synchronization
 
 /// One migration connection (socket, pipe or file), owning its fd. Reads are buffered and
 /// feed the stream decoder; writes batch small headers and whole pages from guest RAM into
@@ -25,7 +26,9 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     private let readCapacity = 256 << 10
     private var readStart = 0
     private var readEnd = 0
-    public private(set) var bytesRead: UInt64 = 0
+    /// Bytes read so far. The reading thread adds, any thread (query-migrate) reads: atomic.
+    public var bytesRead: UInt64 { readCount.load(ordering: .relaxed) }
+    private let readCount = Atomic<UInt64>(0)
 
     // write side
     private let staging: UnsafeMutableRawPointer
@@ -33,7 +36,9 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     private var stagingUsed = 0
     private var iovecs: [iovec]
     private let maxIovecs = 256
-    public private(set) var bytesWritten: UInt64 = 0
+    /// Bytes sent so far. The writing thread adds, any thread (query-migrate) reads: atomic.
+    public var bytesWritten: UInt64 { writeCount.load(ordering: .relaxed) }
+    private let writeCount = Atomic<UInt64>(0)
     private var closed = false
     private let closeLock = Monitor()
     /// Bytes queued in `iovecs` (kept so the rate limiter's per-page check is O(1)).
@@ -210,7 +215,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         if let tls {
             do {
                 let r = try tls.read(p, n, timeoutMs: timeout)
-                bytesRead += UInt64(r)
+                readCount.wrappingAdd(UInt64(r), ordering: .relaxed)
                 return r
             } catch let e as TLSError where e.code == .timeout {
                 throw MigrationError(.timeout, "no data from the peer on \(description) for \(timeout) ms: link presumed down")
@@ -230,7 +235,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         }
         while true {
             let r = Glibc.read(fd, p, n)
-            if r >= 0 { bytesRead += UInt64(r); return r }
+            if r >= 0 { readCount.wrappingAdd(UInt64(r), ordering: .relaxed); return r }
             if errno == EINTR { continue }
             throw MigrationError(.io, "read from \(description) failed", cause: SysError(errno: errno, call: "read"))
         }
@@ -299,7 +304,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
                 iovecs.removeAll(keepingCapacity: true); stagingUsed = 0; queuedBytes = 0
                 throw MigrationError(.io, "write to \(description) failed", cause: SysError(errno: e, call: "writev"))
             }
-            bytesWritten += UInt64(n)
+            writeCount.wrappingAdd(UInt64(n), ordering: .relaxed)
             queuedBytes -= n
             var left = n
             while left > 0 && first < iovecs.count {
@@ -331,10 +336,10 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
                     let k = min(v.iov_len - off, tlsGatherCapacity - used)
                     (gather + used).copyMemory(from: v.iov_base! + off, byteCount: k)
                     used += k; off += k
-                    if used == tlsGatherCapacity { try tls.write(gather, used); bytesWritten += UInt64(used); used = 0 }
+                    if used == tlsGatherCapacity { try tls.write(gather, used); writeCount.wrappingAdd(UInt64(used), ordering: .relaxed); used = 0 }
                 }
             }
-            if used > 0 { try tls.write(gather, used); bytesWritten += UInt64(used) }
+            if used > 0 { try tls.write(gather, used); writeCount.wrappingAdd(UInt64(used), ordering: .relaxed) }
         } catch {
             throw MigrationError(.io, "write to \(description) failed", cause: error)
         }

@@ -29,7 +29,6 @@ final class IncomingMigration: @unchecked Sendable {
     private let rpLock = Monitor()
     private var _stats = MigrationStats()
     private var channel: MigrationChannel?
-    private var thread: KernelThread?
     /// Write side of the return path, once the source opened it.
     private var returnPath: MigrationChannel?
     private var rpBuffer = WireBuffer(capacity: 64)
@@ -101,7 +100,8 @@ final class IncomingMigration: @unchecked Sendable {
         lock.withLock { _stats.startNanos = Sys.monotonicNanos() }
         setStatus(.setup)
         do {
-            thread = try KernelThread(name: "mig/dst/main") { [self] in self.run() }
+            // Nobody waits for it: the status and events say when it is done.
+            try KernelThread.detached(name: "mig/dst/main") { [self] in self.run() }
         } catch {
             fail(error)
         }
@@ -231,7 +231,7 @@ final class IncomingMigration: @unchecked Sendable {
 
     private func refuseRecovery() {
         let l = listener
-        _ = try? KernelThread(name: "mig/dst/refuse") {
+        try? KernelThread.detached(name: "mig/dst/refuse") {
             while true {
                 let ch: MigrationChannel
                 do { ch = try l.accept() } catch let e as MigrationError where e.code == .tls { continue } catch { return }

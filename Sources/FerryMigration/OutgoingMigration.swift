@@ -26,7 +26,6 @@ final class OutgoingMigration: @unchecked Sendable {
     private var _parameters: MigrationParameters
     private var cancelRequested = false
     private var channel: MigrationChannel?
-    private var thread: KernelThread?
     private var rpThread: KernelThread?
     private var rpShut: UInt32?
     private var rpError: String?
@@ -115,7 +114,8 @@ final class OutgoingMigration: @unchecked Sendable {
             _stats.total = UInt64(block.length)
         }
         setStatus(.setup)
-        thread = try KernelThread(name: "mig/src/main") { [self] in self.run() }
+        // Nobody waits for it: the status and events say when it is done.
+        try KernelThread.detached(name: "mig/src/main") { [self] in self.run() }
     }
 
     /// QMP migrate_cancel. Check and change are one step under the lock: once the postcopy

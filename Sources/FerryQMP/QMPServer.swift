@@ -148,7 +148,8 @@ public final class QMPServer: @unchecked Sendable {
     }
 
     public func close() {
-        Glibc.shutdown(listenFd, Int32(SHUT_RDWR))
+        Glibc.shutdown(listenFd, Int32(SHUT_RDWR)) // wakes the accept thread, which ends
+        acceptThread?.join()
         Sys.close(listenFd)
         unlink(path)
     }

@@ -40,3 +40,15 @@ final class Recorder<T>: @unchecked Sendable {
     func append(_ t: T) { lock.withLock { items.append(t) } }
     var values: [T] { lock.withLock { items } }
 }
+
+/// A TCP connection to 127.0.0.1:`port` (a stray or hand-made peer); -1 if it failed.
+func connectLoopback(port: UInt16) -> Int32 {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    var sa = sockaddr_in()
+    sa.sin_family = sa_family_t(AF_INET)
+    sa.sin_port = port.bigEndian
+    sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+    let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    if r != 0 { close(fd); return -1 }
+    return fd
+}

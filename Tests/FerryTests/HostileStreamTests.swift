@@ -12,13 +12,8 @@ struct HostileStreamTests {
         let dst = VMHost(machine: try Machine(memorySize: 4 << 20), incoming: true)
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         guard case let .tcp(_, port) = dst.queryMigrate().socketAddress! else { fatalError() }
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = port.bigEndian
-        sa.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        #expect(r == 0)
+        let fd = connectLoopback(port: port)
+        #expect(fd >= 0)
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         shutdown(fd, Int32(SHUT_WR))
         let status = dst.waitForMigration(seconds: 10)
@@ -36,13 +31,8 @@ struct HostileStreamTests {
         let dst = VMHost(machine: try Machine(memorySize: 4 << 20), incoming: true)
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         guard case let .tcp(_, port) = dst.queryMigrate().socketAddress! else { fatalError() }
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = port.bigEndian
-        sa.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        #expect(r == 0)
+        let fd = connectLoopback(port: port)
+        #expect(fd >= 0)
         _ = [UInt8]([0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 3]).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         #expect(waitUntil(seconds: 5) { dst.queryMigrate().errorDescription?.contains("magic") == true })
         close(fd)

@@ -235,13 +235,8 @@ struct RecoveryTests {
         try p.destination.migrateRecover(uri: target)
         guard case let .tcp(_, port) = try MigrationURI(target) else { return }
         for (n, junk) in [[0xde, 0xad, 0xbe, 0xef, 1, 2, 3], [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]].enumerated() {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = port.bigEndian
-            sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-            let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            #expect(r == 0)
+            let fd = connectLoopback(port: port)
+            #expect(fd >= 0)
             let junk: [UInt8] = junk.map { UInt8($0) }
             _ = junk.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
             #expect(waitUntil { p.destination.queryMigrate().postcopyPauses >= UInt64(2 + n) && p.destination.queryMigrate().status == .postcopyPaused })

@@ -210,12 +210,10 @@ struct SurvivalProcessTests {
         #expect(c.stderr.contains("missing.sock"), "\(c.stderr)")
     }
 
-    @Test("quit and SIGTERM during postcopy: refused with the reason (x-force, a second SIGTERM still end it); allowed once completed")
-    func quitDuringPostcopy() throws {
-        let src = try FerryProcess(executable: Paths.ferry, directory: dir, name: "qsrc", arguments: ["--memory", "64M"])
-        defer { src.terminate() }
-        let dst = try FerryProcess(executable: Paths.ferry, directory: dir, name: "qdst", arguments: ["--memory", "64M", "--incoming", "defer"])
-        defer { dst.terminate() }
+    /// Two ferry processes in a slow postcopy (2 MB/s), both postcopy-active.
+    func slowPostcopy(_ tag: String) throws -> (src: FerryProcess, dst: FerryProcess) {
+        let src = try FerryProcess(executable: Paths.ferry, directory: dir, name: "\(tag)src", arguments: ["--memory", "64M"])
+        let dst = try FerryProcess(executable: Paths.ferry, directory: dir, name: "\(tag)dst", arguments: ["--memory", "64M", "--incoming", "defer"])
         for p in [src, dst] {
             try p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "postcopy-ram", "state": true]]])
         }
@@ -225,8 +223,18 @@ struct SurvivalProcessTests {
         try src.qmp.execute("migrate-set-parameters", ["max-bandwidth": 5_000_000, "max-postcopy-bandwidth": 2_000_000])
         try src.qmp.execute("migrate", ["uri": "tcp:127.0.0.1:\(addr["port"]!)"])
         try src.qmp.execute("migrate-start-postcopy")
-        func status(_ p: FerryProcess) -> String { ((try? p.qmp.execute("query-migrate")) as? [String: Any])?["status"] as? String ?? "?" }
-        #expect(waitUntil { status(src) == "postcopy-active" && status(dst) == "postcopy-active" })
+        #expect(waitUntil { migrationStatus(src) == "postcopy-active" && migrationStatus(dst) == "postcopy-active" })
+        return (src, dst)
+    }
+
+    func migrationStatus(_ p: FerryProcess) -> String {
+        ((try? p.qmp.execute("query-migrate")) as? [String: Any])?["status"] as? String ?? "?"
+    }
+
+    @Test("quit and SIGTERM during postcopy: refused with the reason (x-force, a second SIGTERM still end it); allowed once completed")
+    func quitDuringPostcopy() throws {
+        let (src, dst) = try slowPostcopy("q")
+        defer { src.terminate(); dst.terminate() }
         // quit on either side is refused with the reason.
         for p in [src, dst] {
             do { try p.qmp.execute("quit"); Issue.record("quit accepted during postcopy") } catch let e as QMPError {
@@ -241,26 +249,15 @@ struct SurvivalProcessTests {
         #expect(dst.qmp.events.contains { $0["event"] as? String == "X_EXIT_REFUSED" })
         // Let it finish: then quit is allowed.
         try src.qmp.execute("migrate-set-parameters", ["max-postcopy-bandwidth": 0])
-        #expect(waitUntil(seconds: 60) { status(src) == "completed" && status(dst) == "completed" })
+        #expect(waitUntil(seconds: 60) { migrationStatus(src) == "completed" && migrationStatus(dst) == "completed" })
         try src.qmp.execute("quit")
         #expect(waitUntil { processEnded(src.pid) }, "quit after completion did not end the source")
     }
 
     @Test("a second SIGTERM ends a process the first one did not (postcopy in progress)")
     func secondSigterm() throws {
-        let src = try FerryProcess(executable: Paths.ferry, directory: dir, name: "tsrc", arguments: ["--memory", "64M"])
+        let (src, dst) = try slowPostcopy("t")
         defer { src.terminate() }
-        let dst = try FerryProcess(executable: Paths.ferry, directory: dir, name: "tdst", arguments: ["--memory", "64M", "--incoming", "defer"])
-        for p in [src, dst] {
-            try p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "postcopy-ram", "state": true]]])
-        }
-        src.waitForSerial(3, seconds: 30)
-        try dst.qmp.execute("migrate-incoming", ["uri": "tcp:127.0.0.1:0"])
-        let addr = try #require(((try dst.qmp.execute("query-migrate") as? [String: Any])?["socket-address"] as? [[String: Any]])?.first)
-        try src.qmp.execute("migrate-set-parameters", ["max-bandwidth": 5_000_000, "max-postcopy-bandwidth": 2_000_000])
-        try src.qmp.execute("migrate", ["uri": "tcp:127.0.0.1:\(addr["port"]!)"])
-        try src.qmp.execute("migrate-start-postcopy")
-        #expect(waitUntil { ((try? dst.qmp.execute("query-migrate")) as? [String: Any])?["status"] as? String == "postcopy-active" })
         let start = Sys.monotonicNanos()
         dst.terminate() // SIGTERM, SIGTERM again: gone
         #expect(Double(Sys.monotonicNanos() - start) / 1e9 < 4, "terminate needed SIGKILL")

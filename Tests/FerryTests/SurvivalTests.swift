@@ -159,13 +159,8 @@ struct SurvivalTests {
         let target = try pair.listen()
         guard case let .tcp(_, port) = try MigrationURI(target) else { return }
         for junk in [[UInt8](), [0x47, 0x45, 0x54, 0x20, 0x2f, 0x20], [0x51, 0x45]] {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = port.bigEndian
-            sa.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-            let r = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            #expect(r == 0)
+            let fd = connectLoopback(port: port)
+            #expect(fd >= 0)
             _ = junk.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             close(fd)
         }
@@ -197,7 +192,8 @@ struct SurvivalTests {
         try pair.source.setCapabilities([(.postcopyRAM, true)])
         pair.source.setParameters { $0.maxBandwidth = 5_000_000 }
         try pair.source.migrate(uri: target)
-        #expect(waitUntil { pair.source.queryMigrate().status == .active })
+        // Once the destination took the stream (active there), its capabilities are fixed.
+        #expect(waitUntil { pair.destination.queryMigrate().status == .active })
         #expect(throws: MigrationError.self) { try pair.destination.setCapabilities([(.postcopyRAM, false)]) }
         try pair.source.startPostcopy()
         pair.source.setParameters { $0.maxPostcopyBandwidth = 0 }
