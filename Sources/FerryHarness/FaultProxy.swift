@@ -31,6 +31,8 @@ public final class FaultProxy: @unchecked Sendable {
         let a: Int32, b: Int32 // a: client (source) side, b: upstream (destination) side
         var dead = false
         var threads: [KernelThread] = []
+        /// Pumps that ended by themselves (EOF or error); at 2 the link cleans up.
+        var finishedPumps = 0
         var corruptNext = [false, false]
         init(_ a: Int32, _ b: Int32) { self.a = a; self.b = b }
     }
@@ -136,7 +138,11 @@ public final class FaultProxy: @unchecked Sendable {
             lock.withLock { connections.append(link); acceptedCount += 1 }
             let t1 = try? KernelThread(name: "proxy/down") { [self] in pump(link, from: c, to: u, .toDestination) }
             let t2 = try? KernelThread(name: "proxy/up") { [self] in pump(link, from: u, to: c, .toSource) }
-            lock.withLock { link.threads = [t1, t2].compactMap { $0 } }
+            let late: [KernelThread] = lock.withLock {
+                link.threads = [t1, t2].compactMap { $0 }
+                return link.dead && link.finishedPumps == 2 ? link.threads : [] // both already gone
+            }
+            for t in late { t.detach() }
         }
     }
 
@@ -202,6 +208,20 @@ public final class FaultProxy: @unchecked Sendable {
         if delayNanos == 0 && !lock.withLock({ link.dead }) {
             _ = Glibc.shutdown(to, Int32(SHUT_WR))
         }
+        // The second pump to end by itself retires the link: its threads are detached
+        // (nobody will join them) and its sockets closed.
+        let retired: [KernelThread]? = lock.withLock {
+            link.finishedPumps += 1
+            guard link.finishedPumps == 2, !link.dead else { return nil }
+            link.dead = true
+            connections.removeAll { $0 === link }
+            return link.threads
+        }
+        if let retired {
+            for t in retired { t.detach() }
+            Glibc.close(link.a)
+            Glibc.close(link.b)
+        }
     }
 
     private func contains(_ hay: [UInt8], _ needle: [UInt8]) -> Bool {
@@ -230,11 +250,13 @@ public final class FaultProxy: @unchecked Sendable {
     }
 
     private func kill(_ link: Link, fromPump: Bool = false) {
-        let threads: [KernelThread] = lock.withLock {
-            if link.dead { return [] }
+        // Already dead (killed, or retired by its pumps): its sockets are closed already.
+        let alive: [KernelThread]? = lock.withLock {
+            if link.dead { return nil }
             link.dead = true
             return link.threads
         }
+        guard let threads = alive else { return }
         if !fromPump { for t in threads { t.join() } }
         else {
             // Called on one pump: the other notices `dead` within its 10 ms poll; close
