@@ -54,11 +54,8 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     }
     private var timeoutStorage: Int32 = 0
 
-    /// A peer that goes away must be an EPIPE error on this channel, not a process-killing signal.
-    private static let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
-
     public init(fd: Int32, description: String) {
-        _ = Self.ignoreSIGPIPE
+        Sys.ignoreSIGPIPE() // a peer that goes away is EPIPE on this channel, not a signal
         self.fd = fd
         abortFd = ferry_eventfd(0)
         self.description = description

@@ -225,7 +225,7 @@ final class IncomingMigration: @unchecked Sendable {
                 candidates.append((try listener.acceptRaw(), now + Self.headerTimeoutNanos))
             }
             // A candidate with a partial header stays readable: do not spin on it.
-            if candidates.contains(where: { _ in true }) && fds.dropFirst().contains(where: { $0.revents != 0 }) { usleep(1_000) }
+            if !candidates.isEmpty && fds.dropFirst().contains(where: { $0.revents != 0 }) { usleep(1_000) }
         }
     }
 
