@@ -1,10 +1,15 @@
 import FerrySys
 import FerryWire
 
-/// The migration layer's one error type.
+/// The migration layer's one error type: a code callers decide on, a message people read,
+/// and the lower layer's error that caused it.
 public struct MigrationError: Error, CustomStringConvertible, Sendable {
     public enum Code: String, Sendable {
         case badURI, connect, io, closed, protocolError, state, cancelled, config, unsupported, timeout, tls
+        /// The operator paused postcopy (`migrate-pause`): not a link failure.
+        case paused
+        /// The peer reported its own failure (the destination's error message or SHUT).
+        case peerFailed
     }
     public let code: Code
     public let message: String
@@ -16,4 +21,7 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
         guard let cause else { return message }
         return "\(message): \(cause)"
     }
+
+    static let cancelledByUser = MigrationError(.cancelled, "migration cancelled")
+    static let pausedByUser = MigrationError(.paused, "Postcopy migration is paused by the user")
 }

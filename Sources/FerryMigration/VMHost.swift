@@ -42,6 +42,14 @@ public final class VMHost: @unchecked Sendable {
 
     func incomingFailed(_ why: String) { onIncomingFailure?(why) }
 
+    /// Test hook: called on the outgoing migration's main thread at points of its
+    /// switch-over (a test acts in a window no timing can hit).
+    var switchoverHook: (@Sendable (SwitchoverPoint) -> Void)? {
+        get { lock.withLock { _switchoverHook } }
+        set { lock.withLock { _switchoverHook = newValue } }
+    }
+    private var _switchoverHook: (@Sendable (SwitchoverPoint) -> Void)?
+
     /// `incoming`: the VM waits for a migration stream instead of booting a guest.
     public init(machine: Machine, incoming: Bool) {
         self.machine = machine

@@ -69,27 +69,38 @@ public final class KernelThread: @unchecked Sendable {
 }
 
 /// A mutex plus condition variable, for threads that park and are woken.
+///
+/// The pthread objects live in memory this object allocates, never in a stored property:
+/// passing `&property` of a class to C is not guaranteed to pass its stable address, and a
+/// mutex that moves is no mutex. Ownership: both pointers are immutable; what they point
+/// to is pthread's.
 public final class Monitor: @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    private var cond = pthread_cond_t()
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let cond: UnsafeMutablePointer<pthread_cond_t>
 
     public init() {
-        pthread_mutex_init(&mutex, nil)
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+        cond = .allocate(capacity: 1)
+        cond.initialize(to: pthread_cond_t())
         var attr = pthread_condattr_t()
         pthread_condattr_init(&attr)
         pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
-        pthread_cond_init(&cond, &attr)
+        pthread_cond_init(cond, &attr)
         pthread_condattr_destroy(&attr)
     }
 
     deinit {
-        pthread_cond_destroy(&cond)
-        pthread_mutex_destroy(&mutex)
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        cond.deallocate()
+        mutex.deallocate()
     }
 
     @inline(__always) public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
 
@@ -98,7 +109,7 @@ public final class Monitor: @unchecked Sendable {
     @discardableResult
     public func wait(timeoutNanos: UInt64? = nil) -> Bool {
         guard let t = timeoutNanos else {
-            pthread_cond_wait(&cond, &mutex)
+            pthread_cond_wait(cond, mutex)
             return true
         }
         var ts = timespec()
@@ -106,8 +117,22 @@ public final class Monitor: @unchecked Sendable {
         let total = UInt64(ts.tv_nsec) + t
         ts.tv_sec += Int(total / 1_000_000_000)
         ts.tv_nsec = Int(total % 1_000_000_000)
-        return pthread_cond_timedwait(&cond, &mutex, &ts) == 0
+        return pthread_cond_timedwait(cond, mutex, &ts) == 0
     }
 
-    public func broadcast() { pthread_cond_broadcast(&cond) }
+    /// The one wait-for-condition loop (lock held by the caller, inside `withLock`): asks
+    /// `check` until it returns a value or throws, sleeping on the condition in between,
+    /// and re-asking at least every `recheckNanos` (for conditions nobody signals).
+    /// Returns nil once `deadline` (monotonic ns) has passed.
+    public func wait<T>(until deadline: UInt64? = nil, recheckNanos: UInt64 = 10_000_000, _ check: () throws -> T?) rethrows -> T? {
+        while true {
+            if let v = try check() { return v }
+            let now = Sys.monotonicNanos()
+            if let deadline, now >= deadline { return nil }
+            let left = deadline.map { $0 - now } ?? recheckNanos
+            wait(timeoutNanos: min(left, recheckNanos))
+        }
+    }
+
+    public func broadcast() { pthread_cond_broadcast(cond) }
 }

@@ -11,7 +11,10 @@ public enum Wire {
     /// Ferry's vCPU state device section.
     public static let cpuSectionName = "ferry-cpu"
     public static let cpuSectionVersion: UInt32 = 1
+    /// Ferry's one page size (the target page size of the stream); every page index and
+    /// byte offset converts through these.
     public static let pageSize = 4096
+    public static let pageShift = 12
     public static let pageMask: UInt64 = ~UInt64(4095)
     /// Largest payload of one command (be16 length).
     public static let maxCommandLength = 65535

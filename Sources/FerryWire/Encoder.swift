@@ -47,6 +47,21 @@ extension WireBuffer {
 
     public mutating func eof() { u8(SectionType.eof.rawValue) }
 
+    /// Opens a RAM section that continues the RAM setup: PART (iterations) or END (the last).
+    /// Page records follow; `ramSectionEnd` closes it.
+    public mutating func ramSectionBegin(_ type: SectionType, id: UInt32) { sectionShort(type, id: id) }
+
+    /// Closes a RAM section: the EOS record and the footer.
+    public mutating func ramSectionEnd(id: UInt32) { ramEOS(); footer(id: id) }
+
+    /// A whole device section (FULL): header, be32 length, the device's blob, footer.
+    public mutating func deviceSection(id: UInt32, name: String, version: UInt32, blob: [UInt8]) {
+        sectionHeader(.full, id: id, name: name, version: version)
+        be32(UInt32(blob.count))
+        append(blob)
+        footer(id: id)
+    }
+
     /// RAM setup record: total size with MEM_SIZE, then each block's name and used length.
     public mutating func ramMemSize(blocks: [(name: String, length: UInt64)]) {
         be64(blocks.reduce(0) { $0 + $1.length } | RAMFlags.memSize.rawValue)

@@ -1,0 +1,255 @@
+import CFerry
+import FerryKVM
+import FerryMachine
+import FerryMemory
+import FerrySys
+import FerryTLS
+import FerryWire
+import Glibc
+
+/// The destination side of one migration: its phase, its counters, and what QMP may ask of
+/// it (migrate-recover, migrate-pause). `mig/dst/main` accepts the source
+/// (`SourceAcceptor.swift`), loads the stream through the validating decoder
+/// (`StreamLoader.swift`), and in postcopy reads the main channel and recovers
+/// (`Recovery.swift`); `mig/dst/fault` turns userfaultfd faults into page requests
+/// (`FaultService.swift`); `mig/dst/preempt` installs urgent pages (`PageInstaller.swift`).
+/// A bad stream fails the migration with the decoder's error; the guest here never runs
+/// from a partial load.
+///
+/// Ownership of the mutable fields:
+/// - guarded by `lock`: `phase`, `_stats`, `_capabilities`, `channel`, `urgentChannel`,
+///   `urgentThread`, `faultService`, `recoveryListener`, `recoverTriggered`, `pauseRequested`;
+/// - `mig/dst/main` only: `postcopyAdvised`, `guestRan`;
+/// - `returnPath` serialises its writers itself; `received` / `requested` are atomic bitmaps;
+///   the rest is immutable.
+final class IncomingMigration: @unchecked Sendable {
+    let host: VMHost
+    let uri: MigrationURI
+    let machine: Machine
+    let listener: MigrationListener
+    let layout: RAMLayout
+    /// Server credentials every accepted channel must complete a handshake with, or nil.
+    let tls: TLSCredentials?
+    /// Pages present here (precopy writes, postcopy installs): the recovery contract.
+    let received: PageBitmap
+    /// Pages asked of the source and not yet installed.
+    let requested: PageBitmap
+    let faults = PostcopyFaultTracker()
+    /// Every return-path message goes through here (main, fault and preempt threads).
+    let returnPath = ReturnPathWriter()
+
+    let lock = Monitor()
+    /// Read by other files only with `lock` held; changed only by `advance`.
+    private(set) var phase = DestinationPhase.none
+    private var _stats = MigrationStats()
+    /// Capabilities may change until the source's stream arrives (QEMU allows setting them
+    /// on a listening destination); then they are taken from the host once.
+    private var _capabilities: Set<MigrationCapability>
+    var channel: MigrationChannel?
+    var urgentChannel: MigrationChannel?
+    var urgentThread: KernelThread?
+    /// Userfaultfd and its fault thread, from POSTCOPY_LISTEN on.
+    var faultService: FaultService?
+    var recoveryListener: MigrationListener?
+    /// `migrate-recover` was given and no recovery attempt has failed since (QEMU's
+    /// postcopy_recover_triggered): a second one is refused instead of replacing the first.
+    var recoverTriggered = false
+    /// `migrate-pause` broke the channels: the pause's cause, not the symptom, is reported.
+    var pauseRequested = false
+
+    // mig/dst/main only
+    var postcopyAdvised = false
+
+    init(host: VMHost, uri: MigrationURI, capabilities: Set<MigrationCapability>, tls: TLSCredentials?) throws {
+        self.host = host
+        self.uri = uri
+        self._capabilities = capabilities
+        self.tls = tls
+        self.machine = host.machine
+        self.listener = try MigrationListener(uri, tls: tls)
+        self.layout = RAMLayout(blocks: host.machine.memory.blocks.map { .init(name: $0.name, length: UInt64($0.length)) })
+        self.received = PageBitmap(bitCount: host.machine.ram.pageCount)
+        self.requested = PageBitmap(bitCount: host.machine.ram.pageCount)
+        _stats.socketAddress = listener.boundURI
+    }
+
+    // MARK: phase
+
+    /// The one way the phase changes: legal per `DestinationPhase.next`, checked and
+    /// changed in one step under the lock (with `body`, under it too); the status event
+    /// goes out after, outside the lock. An illegal event throws a protocol error.
+    @discardableResult
+    func advance(_ event: DestinationEvent, _ body: (inout MigrationStats) -> Void = { _ in }) throws -> DestinationPhase {
+        let (before, after): (DestinationPhase, DestinationPhase?) = lock.withLock {
+            let before = phase
+            guard let next = phase.next(event) else { return (before, nil) }
+            phase = next
+            body(&_stats)
+            lock.broadcast()
+            return (before, next)
+        }
+        guard let after else { throw MigrationError(.protocolError, "migration event \(event) is not valid in phase \(before)") }
+        if after.status != before.status {
+            host.emit(.status(after.status))
+            host.statusChanged()
+        }
+        return after
+    }
+
+    var currentPhase: DestinationPhase { lock.withLock { phase } }
+    var status: MigrationStatus { currentPhase.status }
+    var capabilities: Set<MigrationCapability> { lock.withLock { _capabilities } }
+
+    @discardableResult
+    func updateStats<T>(_ body: (inout MigrationStats) -> T) -> T { lock.withLock { body(&_stats) } }
+
+    var stats: MigrationStats {
+        let (s, caught, caps): (MigrationStats, Bool, Set<MigrationCapability>) = lock.withLock {
+            var s = _stats
+            s.status = phase.status
+            if let ch = channel { s.transferred = ch.bytesRead }
+            return (s, faultService != nil, _capabilities) // from LISTEN on, through the end
+        }
+        var out = s
+        if caught && caps.contains(.postcopyBlocktime) { out.faults = faults.report() }
+        return out
+    }
+
+    /// The fault report with every latency sample (benchmarks).
+    public func faultReport() -> PostcopyFaultReport { faults.report(samples: true) }
+
+    // MARK: main thread
+
+    func start() {
+        updateStats { $0.startNanos = Sys.monotonicNanos() }
+        do {
+            try advance(.start)
+            // Nobody waits for it: the status and events say when it is done.
+            try KernelThread.detached(name: "mig/dst/main") { [self] in self.run() }
+        } catch {
+            fail(error)
+        }
+    }
+
+    private func run() {
+        do {
+            let ch = try acceptSource()
+            // From here on the stream decides: capabilities set over QMP until now apply.
+            let caps = host.takeIncomingCapabilities()
+            lock.withLock { _capabilities = caps }
+            // Postcopy keeps listening: the urgent channel and automatic recovery come here.
+            if !caps.contains(.postcopyRAM) { listener.close() }
+            ChannelSetup.configure(ch, role: .main, heartbeatTimeoutMs: host.parameters.heartbeatTimeout)
+            try advance(.sourceConnected) {
+                if let t = ch.tlsDescription { $0.tls = t }
+                self.channel = ch
+            }
+            switch try load(ch) {
+            case .precopy(let cpu):
+                try machine.vcpu.restoreState(cpu)
+                try machine.start()
+                host.setRunState(.running)
+                host.emit(.resume)
+                returnPath.send { $0.rpShut(0) }
+                try advance(.finished) { $0.endNanos = Sys.monotonicNanos() }
+                ch.close()
+                listener.close()
+            case .postcopy(let decoder):
+                postcopyMain(decoder, ch)
+            }
+        } catch {
+            // Postcopy was coming but this guest never ran: the source still has the only
+            // copy. Keep answering on the address with SHUT(1), so a source that tries to
+            // recover learns that and runs its guest again instead of waiting forever.
+            let refuse = postcopyAdvised && capabilities.contains(.postcopyRAM)
+            fail(error)
+            lock.withLock { channel }?.close()
+            stopCatchingFaults()
+            if refuse { refuseRecovery() } else {
+                listener.close()
+                host.incomingFailed("\(error)")
+            }
+        }
+    }
+
+    /// Fails the migration (only legal before the guest ran here).
+    private func fail(_ error: any Error) {
+        // The reason first (Ferry's own message; a source that does not know it fails the
+        // same way on the SHUT), so the source reports why, not the broken pipe that follows.
+        returnPath.send { $0.rpError("\(error)"); $0.rpShut(1) }
+        _ = try? advance(.failure) { // legal in every phase that can throw out of run()
+            $0.errorDescription = "\(error)"
+            $0.endNanos = Sys.monotonicNanos()
+        }
+    }
+
+    /// Stops catching faults (every page is here, or the process is going away); idempotent.
+    func stopCatchingFaults() {
+        lock.withLock { faultService }?.stop()
+    }
+
+    // MARK: QMP entry points
+
+    /// QMP `migrate-pause` on the destination.
+    func pause() throws {
+        let (ch, pc): (MigrationChannel?, MigrationChannel?) = try lock.withLock {
+            guard phase.pausable else {
+                throw MigrationError(.state, "migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+            }
+            pauseRequested = true
+            return (channel, urgentChannel)
+        }
+        ch?.shutdown()
+        pc?.shutdown()
+    }
+
+    /// The process is going away with postcopy unfinished: wake every thread waiting on a
+    /// missing page (the unregister does that) so the vCPU can be stopped.
+    func releaseGuestMemory() {
+        guard currentPhase.faultsCaught else { return }
+        stopCatchingFaults()
+    }
+}
+
+/// The destination's return path: one writer at a time (main, fault and preempt threads),
+/// on its own lock apart from the migration's, so a send blocked on a dead link never
+/// blocks query-migrate. Lock order: this writer's lock, then the migration's.
+/// Ownership: `channel`, `buffer`, `lastRequestedBlock` are guarded by `lock`.
+final class ReturnPathWriter: @unchecked Sendable {
+    private let lock = Monitor()
+    private var channel: MigrationChannel?
+    private var buffer = WireBuffer(capacity: 64)
+    /// The block of the last page request on this channel (later ones may omit it).
+    private var lastRequestedBlock: String?
+
+    /// The return path is now `ch` (or none): the next page request names its block.
+    func attach(_ ch: MigrationChannel?) {
+        lock.withLock { channel = ch; lastRequestedBlock = nil }
+    }
+
+    var isOpen: Bool { lock.withLock { channel != nil } }
+
+    /// Writes one message; a failed write is noticed by the main thread's read.
+    func send(_ body: (inout WireBuffer) -> Void) {
+        lock.withLock {
+            guard let rp = channel else { return }
+            buffer.removeAll()
+            body(&buffer)
+            try? rp.write(buffer) // see above: the reader notices a dead link
+            try? rp.flush()
+        }
+    }
+
+    /// A page request, if `allowed` (asked with this writer's lock held) says requests flow.
+    func requestPage(_ page: Int, block: String, allowed: () -> Bool) {
+        lock.withLock {
+            guard let rp = channel, allowed() else { return }
+            let name: String? = lastRequestedBlock == block ? nil : block
+            lastRequestedBlock = block
+            buffer.removeAll()
+            buffer.rpRequestPages(block: name, offset: UInt64(page) << Wire.pageShift, length: UInt32(Wire.pageSize))
+            try? rp.write(buffer)
+            try? rp.flush()
+        }
+    }
+}

@@ -1,0 +1,152 @@
+import CFerry
+import FerryKVM
+import FerryMemory
+import FerrySys
+import FerryWire
+import Glibc
+
+/// Loading the source's stream on the destination's main thread: precopy RAM straight into
+/// guest RAM, the device state, the commands, and the postcopy package (LISTEN, device
+/// state, RUN). Which item is legal when is the phase's legality table
+/// (`DestinationPhase.acceptedItems`); this file only says what each item does.
+extension IncomingMigration {
+    enum LoadResult { case precopy(VCPUState), postcopy(StreamDecoder) }
+
+    /// Loads a stream up to its end (precopy: the vCPU state found at EOF) or up to the
+    /// postcopy RUN (the guest runs here from then on; the decoder carries on).
+    func load(_ ch: MigrationChannel) throws -> LoadResult {
+        let decoder = StreamDecoder(source: ch, layout: layout)
+        try decoder.readFileHeader()
+        var cpu: VCPUState?
+        var sawRAMSetup = false
+        while true {
+            let item = try decoder.nextItem()
+            try currentPhase.check(item)
+            switch item {
+            case .configuration(let machineType):
+                guard machineType == Wire.machineType else {
+                    throw WireError(.badMachine, "source machine type \"\(machineType)\" differs from ours (\"\(Wire.machineType)\")")
+                }
+            case .section(let h) where h.name == Wire.ramSectionName:
+                if h.type == .start { sawRAMSetup = true }
+                guard sawRAMSetup else { throw WireError(.badSectionID, "RAM pages before the RAM setup section") }
+                try loadRAM(decoder, ch)
+                try decoder.readFooter(expecting: h.id)
+            case .section(let h):
+                // validated by the decoder: the vCPU device section
+                cpu = try VCPUState(decoding: try decoder.readDeviceBlob())
+                try decoder.readFooter(expecting: h.id)
+            case .command(.packaged(let length)):
+                guard postcopyAdvised else { throw MigrationError(.protocolError, "PACKAGED without POSTCOPY_ADVISE") }
+                guard length <= 16_777_216 else { throw WireError(.badLength, "postcopy package of \(length) bytes") }
+                let blob = try ch.bytes(Int(length))
+                try advance(.packageOpened)
+                try loadPackage(blob)
+                return .postcopy(decoder)
+            case .command(let c):
+                try handleCommand(c, ch)
+            case .eof:
+                guard let cpu else { throw WireError(.truncated, "the stream ended without the vCPU state") }
+                return .precopy(cpu)
+            }
+        }
+    }
+
+    private func handleCommand(_ c: Command, _ ch: MigrationChannel) throws {
+        switch c {
+        case .openReturnPath:
+            guard ch.isSocket else { throw MigrationError(.protocolError, "return path requested on a one-way channel") }
+            if !returnPath.isOpen { returnPath.attach(ch) }
+        case .ping(let v):
+            guard returnPath.isOpen else { throw MigrationError(.protocolError, "PING without a return path") }
+            returnPath.send { $0.rpPong(v) }
+        case .switchoverStart:
+            break
+        case let .postcopyAdvise(summary, target):
+            guard capabilities.contains(.postcopyRAM) else {
+                throw MigrationError(.config, "the source wants postcopy but capability postcopy-ram is off on the destination")
+            }
+            guard summary == UInt64(Wire.pageSize), target == UInt64(Wire.pageSize) else {
+                throw MigrationError(.protocolError, "postcopy page sizes \(summary)/\(target) differ from ours (\(Wire.pageSize))")
+            }
+            postcopyAdvised = true
+        case let .ramDiscard(b, ranges):
+            guard postcopyAdvised else { throw MigrationError(.protocolError, "RAM_DISCARD outside the postcopy switchover") }
+            let block = machine.memory.blocks[b]
+            for r in ranges {
+                // Stale pages go back to "missing", so the guest faults and asks for the new copy.
+                let start = Int(r.lowerBound), count = Int(r.upperBound - r.lowerBound)
+                madvise(block.host + start, count, MADV_DONTNEED)
+                for p in (start >> Wire.pageShift)..<((start + count) >> Wire.pageShift) { received.clear(p) }
+            }
+        default:
+            // The legality table let it through: a phase accepts only what this handles.
+            throw MigrationError(.protocolError, "command \(c) is not valid in a precopy stream")
+        }
+    }
+
+    private func loadRAM(_ decoder: StreamDecoder, _ ch: MigrationChannel) throws {
+        let blocks = machine.memory.blocks
+        while true {
+            switch try decoder.nextRAMRecord() {
+            case .eos: return
+            case .memSize: continue // validated against our layout by the decoder
+            case let .page(b, offset):
+                // Straight into guest RAM; the decoder checked the offset is inside the block.
+                try ch.readExactly(UnsafeMutableRawBufferPointer(start: blocks[b].host + Int(offset), count: Wire.pageSize))
+                received.set(Int(offset >> UInt64(Wire.pageShift)))
+            case let .zero(b, offset):
+                let p = blocks[b].host + Int(offset)
+                // With postcopy ahead, a zero page must be populated: a page marked received
+                // but missing would fault later and never be asked for (QEMU 10.1's fix).
+                if postcopyAdvised || ferry_page_is_zero(p) == 0 { p.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.pageSize) }
+                received.set(Int(offset >> UInt64(Wire.pageShift)))
+            }
+        }
+    }
+
+    /// The package: LISTEN, device state, RUN, as one nested stream.
+    private func loadPackage(_ blob: [UInt8]) throws {
+        let decoder = StreamDecoder(source: ByteArraySource(blob), layout: layout)
+        var cpu: VCPUState?
+        while true {
+            let item: StreamItem
+            do { item = try decoder.nextItem() } catch let e as WireError where e.code == .truncated {
+                throw MigrationError(.protocolError, "postcopy package ended without RUN", cause: e)
+            }
+            try currentPhase.check(item)
+            switch item {
+            case .command(.postcopyListen):
+                try listen()
+            case .command(.ping(let v)):
+                returnPath.send { $0.rpPong(v) }
+            case .command(.postcopyRun):
+                guard let cpu else { throw MigrationError(.protocolError, "POSTCOPY_RUN before the vCPU state") }
+                try machine.vcpu.restoreState(cpu)
+                try machine.start()
+                host.setRunState(.running)
+                host.emit(.resume)
+                // The guest runs here now: tell the source (its downtime ends; it may no
+                // longer resume the guest there). Page requests flow from here on.
+                returnPath.send { $0.rpPong(Wire.pingPackagedLoaded) }
+                try advance(.run)
+                return
+            case .section(let h):
+                cpu = try VCPUState(decoding: try decoder.readDeviceBlob())
+                try decoder.readFooter(expecting: h.id)
+            default:
+                throw MigrationError(.protocolError, "unexpected item in the postcopy package")
+            }
+        }
+    }
+
+    /// Arms userfaultfd on all guest RAM, starts the fault thread and, with
+    /// postcopy-preempt, accepts the urgent-page channel.
+    private func listen() throws {
+        let service = try FaultService(block: machine.ram)
+        lock.withLock { faultService = service }
+        try advance(.listen)
+        try service.start { [self] in faultLoop(service) }
+        if capabilities.contains(.postcopyPreempt) { try acceptUrgentChannel(on: listener, uffd: service.uffd) }
+    }
+}

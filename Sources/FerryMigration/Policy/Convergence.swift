@@ -1,0 +1,76 @@
+/// When precopy should stop iterating, as a pure policy: fed what each pass sent, how long
+/// it took and what the guest dirtied meanwhile, it says whether to go on, stop the guest
+/// for the last copy, or switch to postcopy.
+///
+/// Converged when the rest fits the downtime limit at the measured bandwidth; while each
+/// pass still halves the rest (and the rest is not already tiny), one more pass buys a
+/// shorter downtime, up to `maxExtraPasses`. With `autoSwitchPasses` > 0, that many passes
+/// in a row that did not shrink the best rest so far by a tenth switch to postcopy.
+///
+/// The bandwidth estimate needs at least 256 KiB in a pass (a near-empty pass says nothing
+/// about the link); with `max-bandwidth` set it never exceeds it. A clock that goes
+/// backwards counts as no time passed.
+struct ConvergencePolicy: Sendable, Equatable {
+    enum Verdict: Sendable, Equatable { case anotherPass, stopAndCopy, switchToPostcopy }
+
+    /// What one pass measured, as query-migrate reports it.
+    struct PassReport: Sendable, Equatable {
+        var remaining: UInt64
+        /// nil: no bandwidth known yet (nothing can be expected).
+        var expectedDowntimeMs: UInt64?
+        var bandwidth: Double
+        var dirtyPagesRate: UInt64
+        var mbps: Double
+        var pagesPerSecond: UInt64
+    }
+
+    static let minBytesForEstimate: UInt64 = 256 << 10
+    static let maxExtraPasses = 8
+
+    private var lastSync: UInt64
+    private var sentAtSync: UInt64
+    private var bandwidth: Double = 0
+    private var previousRemaining = UInt64.max
+    private var extraPasses = 0
+    private var bestRemaining: UInt64
+    private var stuckPasses: UInt64 = 0
+
+    init(now: UInt64, sent: UInt64, ramBytes: UInt64) {
+        lastSync = now
+        sentAtSync = sent
+        bestRemaining = ramBytes
+    }
+
+    /// A pass ended at `now` with `sent` bytes on the channel so far and `dirtyPages` left.
+    /// `autoSwitchPasses` is 0 when postcopy is not possible.
+    mutating func passEnded(now: UInt64, sent: UInt64, dirtyPages: UInt64, pageSize: Int,
+                            downtimeLimitMs: UInt64, maxBandwidth: UInt64, autoSwitchPasses: UInt64) -> (Verdict, PassReport) {
+        let elapsed = now > lastSync ? Double(now - lastSync) / 1e9 : 0
+        let bytes = sent > sentAtSync ? sent - sentAtSync : 0
+        if bytes >= Self.minBytesForEstimate && elapsed > 0 { bandwidth = Double(bytes) / elapsed }
+        if maxBandwidth > 0 { bandwidth = bandwidth > 0 ? min(bandwidth, Double(maxBandwidth)) : Double(maxBandwidth) }
+        let remaining = dirtyPages * UInt64(pageSize)
+        let expected: UInt64? = bandwidth > 0 ? UInt64(min(Double(remaining) / bandwidth * 1000, Double(UInt64.max / 2))) : nil
+        let report = PassReport(
+            remaining: remaining, expectedDowntimeMs: expected, bandwidth: bandwidth,
+            dirtyPagesRate: elapsed > 0 ? UInt64(Double(dirtyPages) / elapsed) : 0,
+            mbps: elapsed > 0 ? Double(bytes) * 8 / elapsed / 1e6 : 0,
+            pagesPerSecond: elapsed > 0 ? UInt64(Double(bytes) / Double(pageSize) / elapsed) : 0)
+        lastSync = max(lastSync, now)
+        sentAtSync = max(sentAtSync, sent)
+
+        if let expected, expected <= downtimeLimitMs {
+            let stillHalving = remaining < previousRemaining / 2
+            if !stillHalving || expected <= max(1, downtimeLimitMs / 16) || extraPasses >= Self.maxExtraPasses {
+                return (.stopAndCopy, report)
+            }
+            extraPasses += 1
+        }
+        previousRemaining = remaining
+        if autoSwitchPasses > 0 {
+            if Double(remaining) < Double(bestRemaining) * 0.9 { bestRemaining = remaining; stuckPasses = 0 } else { stuckPasses += 1 }
+            if stuckPasses >= autoSwitchPasses { return (.switchToPostcopy, report) }
+        }
+        return (.anotherPass, report)
+    }
+}

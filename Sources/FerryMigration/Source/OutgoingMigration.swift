@@ -1,0 +1,332 @@
+import CFerry
+import FerryKVM
+import FerryMachine
+import FerryMemory
+import FerrySys
+import FerryWire
+import Glibc
+
+/// The source side of one migration: its phase, its counters, and what QMP may ask of it
+/// (cancel, start-postcopy, pause, resume). The work happens on two threads:
+/// `mig/src/main` runs setup, the precopy passes and the switch-over
+/// (`PrecopyStream.swift`), postcopy's background stream (`PostcopyStream.swift`) and
+/// pause/recovery (`Recovery.swift`); `mig/src/return` reads the return path and serves
+/// page requests (`ReturnPathReader.swift`).
+///
+/// Ownership of the mutable fields:
+/// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`,
+///   `requests`, `asked`, `recoveryURI`;
+/// - `mig/src/main` only: `cursor`, `header`, `limiter`, `pings`, `switchover`, `rpThread`
+///   (joined by main before it starts another);
+/// - `toSend` is an atomic bitmap shared by both threads; the rest is immutable.
+final class OutgoingMigration: @unchecked Sendable {
+    let host: VMHost
+    let uri: MigrationURI
+    let capabilities: Set<MigrationCapability>
+    let block: RAMBlock
+    let machine: Machine
+    /// TLS on every channel of this migration (main, urgent, recovery), or nil.
+    let tls: ChannelSecurity?
+    /// Pages still to send (set = to send). Cleared bit by bit as pages go, by the main
+    /// thread and (postcopy-preempt) the return-path thread.
+    let toSend: PageBitmap
+
+    let lock = Monitor()
+    /// Read by other files only with `lock` held; changed only by `advance` and `cancel`.
+    private(set) var phase = SourcePhase.none
+    private var _stats = MigrationStats()
+    private var _parameters: MigrationParameters
+    /// The main channel (nil while paused).
+    var channel: MigrationChannel?
+    /// postcopy-preempt's urgent channel, written by the return-path thread.
+    var urgent: UrgentPageSender?
+    /// What the return-path thread heard, for the main thread.
+    var inbox = ReturnPathInbox()
+    /// Page requests waiting for the main thread (without postcopy-preempt).
+    var requests = PageRequestQueue()
+    /// What the operator asked for over QMP and the main thread has not acted on yet.
+    var asked = OperatorRequests()
+    /// The address recovery reconnects to automatically (the last one that worked).
+    var recoveryURI: MigrationURI
+
+    static let ramSectionID: UInt32 = 0
+    static let cpuSectionID: UInt32 = 1
+
+    // mig/src/main only
+    var cursor = 0
+    var header = WireBuffer(capacity: 512)
+    /// max-bandwidth / max-postcopy-bandwidth over 100 ms windows.
+    var limiter = RateLimiter(now: 0, sent: 0)
+    var pings = PingSchedule()
+    var switchover = SwitchoverRecord()
+    var rpThread: KernelThread?
+
+    init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
+        self.host = host
+        self.tls = tls
+        self.uri = uri
+        self._parameters = parameters
+        self.capabilities = capabilities
+        self.machine = host.machine
+        self.block = host.machine.ram
+        self.toSend = PageBitmap(bitCount: host.machine.ram.pageCount)
+        self.recoveryURI = uri
+    }
+
+    // MARK: phase
+
+    /// The one way the phase changes: legal per `SourcePhase.next`, checked and changed in
+    /// one step under the lock (with `body`, which runs under it too); the status event
+    /// goes out after, outside the lock. An illegal event throws: `.cancelled` if a cancel
+    /// got there first, else a state error.
+    @discardableResult
+    func advance(_ event: SourceEvent, _ body: (inout MigrationStats) -> Void = { _ in }) throws -> SourcePhase {
+        let (before, after): (SourcePhase, SourcePhase?) = lock.withLock {
+            let before = phase
+            guard let next = phase.next(event) else { return (before, nil) }
+            phase = next
+            body(&_stats)
+            lock.broadcast()
+            return (before, next)
+        }
+        guard let after else {
+            if before == .cancelling { throw MigrationError.cancelledByUser }
+            throw MigrationError(.state, "migration event \(event) is not valid in phase \(before)")
+        }
+        if after.status != before.status {
+            host.emit(.status(after.status))
+            host.statusChanged()
+        }
+        return after
+    }
+
+    var currentPhase: SourcePhase { lock.withLock { phase } }
+    var status: MigrationStatus { currentPhase.status }
+    private var isCancelled: Bool { currentPhase == .cancelling }
+
+    var stats: MigrationStats {
+        lock.withLock {
+            var s = _stats
+            s.status = phase.status
+            if let ch = channel, phase.isRunning { s.transferred = ch.bytesWritten }
+            return s
+        }
+    }
+
+    var parameters: MigrationParameters { lock.withLock { _parameters } }
+    func updateParameters(_ p: MigrationParameters) { lock.withLock { _parameters = p } }
+    @discardableResult
+    func updateStats<T>(_ body: (inout MigrationStats) -> T) -> T { lock.withLock { body(&_stats) } }
+
+    /// The destination may have run the guest: it must never run here again.
+    var guestHandedOver: Bool { currentPhase.guestSplit }
+
+    // MARK: QMP entry points
+
+    func start() throws {
+        updateStats { $0.startNanos = Sys.monotonicNanos(); $0.total = UInt64(block.length) }
+        try advance(.start)
+        // Nobody waits for it: the status and events say when it is done.
+        try KernelThread.detached(name: "mig/src/main") { [self] in self.run() }
+    }
+
+    /// QMP migrate_cancel. Check and change are one step under the lock: from the moment
+    /// the postcopy package starts out, the destination may run the guest, and cancel is
+    /// refused. Ends a blocked exec:/file: migration too (the channel is aborted, its
+    /// command killed).
+    func cancel() throws {
+        let (accepted, ch): (Bool, MigrationChannel?) = try lock.withLock {
+            if phase.guestSplit || phase == .packageSending {
+                throw MigrationError(.state, "Postcopy migration in progress, cannot cancel (status \(phase.status.rawValue)): the guest's state is split between both hosts; recover it with migrate resume=true")
+            }
+            guard let next = phase.next(.cancel) else { return (false, nil) }
+            phase = next
+            lock.broadcast()
+            return (true, channel)
+        }
+        guard accepted else { return }
+        host.emit(.status(.cancelling))
+        host.statusChanged()
+        ch?.abort()
+    }
+
+    /// QMP migrate-start-postcopy: switch at the end of the current section.
+    func startPostcopy() throws {
+        guard capabilities.contains(.postcopyRAM) else { throw MigrationError(.config, "Enable postcopy with migrate_set_capability before the start of migration") }
+        try lock.withLock {
+            guard phase == .setup || phase == .precopy else {
+                throw MigrationError(.state, "Postcopy must be started after migration has been started (status \(phase.status.rawValue))")
+            }
+            asked.postcopy = true
+        }
+    }
+
+    /// QMP `migrate` with resume=true.
+    func resume(_ target: MigrationURI) throws {
+        try lock.withLock {
+            guard phase == .postcopyPaused else {
+                throw MigrationError(.state, "Cannot resume if there is no paused migration (status \(phase.status.rawValue))")
+            }
+            asked.resume = (target, Sys.monotonicNanos())
+            lock.broadcast()
+        }
+    }
+
+    /// QMP `migrate-pause`: force postcopy-paused (the link may merely stall).
+    func pause() throws {
+        let (ch, pc): (MigrationChannel?, MigrationChannel?) = try lock.withLock {
+            guard phase.pausable else {
+                throw MigrationError(.state, "migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+            }
+            asked.pause = true
+            lock.broadcast()
+            return (channel, urgent?.channel)
+        }
+        ch?.shutdown()
+        pc?.shutdown()
+    }
+
+    // MARK: main thread
+
+    private func run() {
+        do {
+            let ch = try ChannelSetup.connect(uri, role: .main, tls: tls, heartbeatTimeoutMs: parameters.heartbeatTimeout,
+                                              isCancelled: { [self] in isCancelled })
+            try lock.withLock {
+                channel = ch
+                if let t = ch.tlsDescription { _stats.tls = t }
+                if phase == .cancelling { throw MigrationError.cancelledByUser }
+            }
+            let returnPath = uri.isBidirectional
+            try sendSetup(ch, returnPath: returnPath)
+            if returnPath { try startReturnPath(ch) }
+            try machine.vm.setDirtyLogging(slot: Machine.ramSlot, true)
+            // The first pass sends everything; the log only matters from here on.
+            let discard = PageBitmap(bitCount: block.pageCount)
+            try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: discard)
+            toSend.setAll()
+            try advance(.setupSent) {
+                $0.setupTimeMs = Sys.nanosSince($0.startNanos) / 1_000_000
+                $0.remaining = UInt64(block.length)
+            }
+            switch try iterateUntilConverged(ch) {
+            case .switchToPostcopy: try runPostcopy(ch)
+            case .stopAndCopy, .anotherPass: try completePrecopy(ch, returnPath: returnPath)
+            }
+        } catch {
+            failed(error)
+        }
+        rpThread?.join()
+    }
+
+    /// A failure before the destination could run the guest (or it said it never did): the
+    /// guest runs here again, unless the operator had paused it.
+    private func failed(_ error: any Error) {
+        let neverRan = error is DestinationNeverRan
+        try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // cleanup: the migration failed already
+        let ch = lock.withLock { channel }
+        ch?.abort()
+        ch?.close()
+        if case let .file(path) = uri { Transport.removePartialFile(path) }
+        let (cancelled, splitWithoutWord) = lock.withLock { (phase == .cancelling, phase.guestSplit && !neverRan) }
+        if splitWithoutWord {
+            // The transition table forbids it: a split guest is never failed. Keep it split.
+            updateStats { $0.errorDescription = "internal error: failure in a postcopy phase: \(error)" }
+            return
+        }
+        if switchover.stoppedByUs {
+            machine.resume()
+            host.setRunState(.running)
+            host.emit(.resume)
+        } else if let before = switchover.runStateBefore {
+            host.setRunState(before) // it was paused before: it stays paused
+        }
+        let (sent, requestCount, rp, peer) = lock.withLock { (channel?.bytesWritten ?? 0, requests.served, inbox.failure, inbox.destinationError) }
+        let reason = (error as? DestinationNeverRan)?.error ?? error
+        // A bad return-path message shuts the channel: the write error that follows is a
+        // symptom; the message is the reason.
+        _ = try? advance(neverRan ? .destinationNeverRan : .failure) { // legal from every phase that reaches here
+            $0.endNanos = Sys.monotonicNanos()
+            $0.postcopyRequests = requestCount
+            $0.transferred = sent
+            if !cancelled {
+                $0.errorDescription = peer.map { "the destination failed: \($0)" } ?? rp.map { "return path: \($0)" } ?? "\(reason)"
+            }
+        }
+    }
+
+    /// A failure that must end in `failed` (or `cancelled`): the cancel, the destination's
+    /// own error or its SHUT, in that order. Called between precopy sections.
+    func checkPrecopy() throws {
+        let (cancelled, peer, shut) = lock.withLock { (phase == .cancelling, inbox.destinationError, inbox.shut) }
+        if cancelled { throw MigrationError.cancelledByUser }
+        if let peer { throw MigrationError(.peerFailed, "the destination failed: \(peer)") }
+        if let shut, shut != 0 { throw MigrationError(.peerFailed, "the destination failed the migration (SHUT \(shut))") }
+    }
+
+    /// Shuts and closes the main and urgent channels and waits for the return-path thread.
+    func closeChannels(_ ch: MigrationChannel?) {
+        let pc: UrgentPageSender? = lock.withLock { defer { urgent = nil }; return urgent }
+        ch?.shutdown()
+        pc?.channel.shutdown()
+        rpThread?.join()
+        rpThread = nil
+        ch?.close()
+        pc?.channel.close()
+    }
+
+    /// Test hook: called by the main thread at the named points of the switch-over.
+    func reach(_ point: SwitchoverPoint) { host.switchoverHook?(point) }
+}
+
+/// Points of the switch-over a test may act at (`VMHost.switchoverHook`).
+enum SwitchoverPoint: Sendable { case packageFlushed }
+
+/// The guest was stopped by this migration's switch-over, or was paused already.
+struct SwitchoverRecord {
+    /// The switch-over stopped a running guest: a failure before the hand-over resumes it.
+    var stoppedByUs = false
+    /// The run state before the switch-over (a guest paused by the operator stays paused).
+    var runStateBefore: RunState?
+}
+
+/// What the return-path thread heard, for the main thread. Guarded by the migration's lock.
+struct ReturnPathInbox {
+    var shut: UInt32?
+    /// The reader's own failure (a bad message, a dead link).
+    var failure: MigrationError?
+    /// The destination's account of why it failed (Ferry's message before SHUT).
+    var destinationError: String?
+    /// PONG 0x42: the guest runs on the destination. Never reset: once true, always true.
+    var destinationRunning = false
+    var receivedBitmap: [UInt8]?
+    var resumeAcked = false
+
+    /// A new channel: what the old one said no longer applies.
+    mutating func newChannel() { shut = nil; failure = nil; receivedBitmap = nil; resumeAcked = false }
+}
+
+/// Page requests queued for the main thread (without postcopy-preempt). Guarded by the lock.
+struct PageRequestQueue {
+    /// A destination has a request per waiting thread in flight, not thousands: a flood is
+    /// a broken or hostile peer, and must not grow our memory.
+    static let maxQueued = 65_536
+    var pending: [Range<Int>] = []
+    /// REQ_PAGES without a block name means the block of the previous request.
+    var lastBlock: String?
+    var served: UInt64 = 0
+    /// Where the background scan should continue: just after the last requested page.
+    var hint: Int?
+}
+
+/// What the operator asked for over QMP. Guarded by the lock.
+struct OperatorRequests {
+    var postcopy = false
+    var pause = false
+    /// `migrate resume=true`: the address and when it was asked.
+    var resume: (uri: MigrationURI, at: UInt64)?
+}
+
+/// A recovery attempt (or the package's wait) reached a destination that failed before it
+/// ever ran the guest: the guest's only copy is here, so it runs here again.
+struct DestinationNeverRan: Error { let error: MigrationError }

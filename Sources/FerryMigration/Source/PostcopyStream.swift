@@ -1,0 +1,167 @@
+import FerryMachine
+import FerryMemory
+import FerrySys
+import FerryWire
+
+/// Postcopy on the source's main thread: the switch-over (stop the guest, tell the
+/// destination which pages to drop, ship the vCPU state in a package that starts the guest
+/// there), then the background stream, requested pages first. Once the package is out the
+/// guest is never resumed here: failures pause (`Recovery.swift`), never fail.
+extension OutgoingMigration {
+    func runPostcopy(_ ch: MigrationChannel) throws {
+        stopGuestForSwitchover()
+        let stopNanos = Sys.monotonicNanos()
+        try advance(.switchToPostcopy)
+        try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+        try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // the log is read; a failure to stop it costs only speed
+        header.removeAll()
+        appendDiscards(to: &header)
+        header.ping(2)
+        var package = WireBuffer(capacity: 16 << 10)
+        package.command(.postcopyListen)
+        package.deviceSection(id: Self.cpuSectionID, name: Wire.cpuSectionName, version: Wire.cpuSectionVersion,
+                              blob: try machine.vcpu.saveState().encoded())
+        package.command(.postcopyRun)
+        header.packaged(length: UInt32(package.count))
+        header.append(package.bytes)
+        // From here cancel is refused: the package may reach the destination whole.
+        try advance(.packageWriting)
+        try ch.write(header)
+        try ch.flush()
+        reach(.packageFlushed)
+        // The destination has the package: it may run the guest from now on.
+        try advance(.packageSent)
+        host.setRunState(.postmigrate)
+
+        var current = ch
+        do {
+            // The urgent channel is the second connection; the destination accepts it at LISTEN.
+            if capabilities.contains(.postcopyPreempt) { try openUrgentChannel(uri) }
+            // postcopy-device: the destination answers PONG 0x42 once its guest runs. A SHUT
+            // with an error before that means it never ran, and the guest may run here again.
+            try lock.withLock {
+                _ = try lock.wait { () throws -> Bool? in
+                    if inbox.destinationRunning { return true }
+                    if let s = inbox.shut, s != 0 {
+                        throw DestinationNeverRan(error: MigrationError(.peerFailed, "the destination failed to start the guest (SHUT \(s)); the guest continues here"))
+                    }
+                    if let e = inbox.failure { throw MigrationError(.io, "return path failed before the destination ran the guest", cause: e) }
+                    if asked.pause { throw MigrationError.pausedByUser }
+                    return nil
+                }
+            }
+            try advance(.destinationRunning) { $0.downtimeMs = Sys.nanosSince(stopNanos) / 1_000_000 }
+        } catch let never as DestinationNeverRan {
+            try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, true) // best effort: a later migration re-enables it
+            throw never
+        } catch {
+            current = try pauseAndRecover(after: error, old: ch)
+        }
+        while true {
+            do {
+                try streamPostcopy(current)
+                return
+            } catch {
+                current = try pauseAndRecover(after: error, old: current)
+            }
+        }
+    }
+
+    /// RAM_DISCARD for every page still to send, 12 ranges a command: the destination may
+    /// hold a stale copy of each.
+    private func appendDiscards(to buffer: inout WireBuffer) {
+        var ranges: [(start: UInt64, length: UInt64)] = []
+        var i = toSend.nextSet(from: 0)
+        while let s = i {
+            var e = s + 1
+            while e < toSend.bitCount && toSend.test(e) { e += 1 }
+            ranges.append((UInt64(s) << Wire.pageShift, UInt64(e - s) << Wire.pageShift))
+            if ranges.count == 12 { buffer.ramDiscard(block: block.name, ranges: ranges); ranges.removeAll() }
+            i = toSend.nextSet(from: e)
+        }
+        if !ranges.isEmpty { buffer.ramDiscard(block: block.name, ranges: ranges) }
+    }
+
+    /// Connects postcopy-preempt's urgent channel and hands it to the return-path thread.
+    func openUrgentChannel(_ target: MigrationURI) throws {
+        let pc = try ChannelSetup.connect(target, role: .urgent, tls: tls, heartbeatTimeoutMs: parameters.heartbeatTimeout)
+        lock.withLock { urgent = UrgentPageSender(channel: pc) }
+    }
+
+    /// The postcopy background stream until every page is on the destination, then EOF and
+    /// the destination's SHUT(0). Throws on any channel error or a forced pause.
+    func streamPostcopy(_ ch: MigrationChannel) throws {
+        cursor = 0
+        limiter.reset(now: Sys.monotonicNanos(), sent: ch.bytesWritten, bytesPerSecond: parameters.maxPostcopyBandwidth, carriesDebt: false)
+        while toSend.nextSet(from: 0) != nil {
+            try checkPostcopy()
+            header.removeAll()
+            header.ramSectionBegin(.part, id: Self.ramSectionID)
+            try ch.write(header)
+            var first = true
+            let (pending, hint): ([Range<Int>], Int?) = lock.withLock {
+                defer { requests.pending.removeAll(); requests.hint = nil }
+                return (requests.pending, requests.hint)
+            }
+            for r in pending {
+                for p in r where toSend.testAndClear(p) {
+                    try PageRecord.send(ch, block, p, named: first, buffer: &header)
+                    first = false
+                    cursor = p + 1 // move the background scan near what the guest wants
+                }
+            }
+            if let hint { cursor = hint }
+            // Requested pages always go; the background stream respects max-postcopy-bandwidth.
+            let delay = limiter.delay(sent: ch.bytesWritten, now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxPostcopyBandwidth)
+            let overBudget = delay > 0
+            var sent = 0
+            while !overBudget, sent < 64, let p = toSend.nextSet(from: cursor) ?? toSend.nextSet(from: 0) {
+                if toSend.testAndClear(p) { try PageRecord.send(ch, block, p, named: first, buffer: &header); first = false; sent += 1 }
+                cursor = p + 1
+            }
+            header.removeAll()
+            header.ramSectionEnd(id: Self.ramSectionID)
+            pingIfDue()
+            try ch.write(header)
+            try ch.flush()
+            let left = UInt64(toSend.popcount()) << Wire.pageShift
+            updateStats { $0.remaining = left; $0.transferred = ch.bytesWritten; $0.postcopyRequests = self.requests.served }
+            if overBudget { try waitForRequestOrWindow(delay) }
+        }
+        header.removeAll()
+        header.eof()
+        try ch.write(header)
+        try ch.flush()
+        let shut = try waitForShut(seconds: 600)
+        guard shut == 0 else {
+            // The destination's guest runs; never give up on it: pause and let recovery decide.
+            throw MigrationError(.peerFailed, "the destination reported an error at the end of postcopy (SHUT \(shut))")
+        }
+        let end = Sys.monotonicNanos()
+        try advance(.finished) {
+            $0.endNanos = end; $0.transferred = ch.bytesWritten; $0.remaining = 0; $0.postcopyRequests = self.requests.served
+        }
+        closeChannels(ch)
+    }
+
+    /// A forced pause or a failed return path ends the postcopy stream (and pauses).
+    private func checkPostcopy() throws {
+        try lock.withLock {
+            if asked.pause { throw MigrationError.pausedByUser }
+            if let e = inbox.failure { throw MigrationError(.io, "return path failed in postcopy", cause: e) }
+        }
+    }
+
+    /// Sleeps until the window ends, or until a page request arrives (served at once).
+    private func waitForRequestOrWindow(_ delay: UInt64) throws {
+        let wake = Sys.monotonicNanos() + delay
+        try lock.withLock {
+            _ = try lock.wait(until: wake, recheckNanos: delay) { () throws -> Bool? in
+                if !requests.pending.isEmpty { return true }
+                if let e = inbox.failure { throw MigrationError(.io, "return path failed in postcopy", cause: e) }
+                if asked.pause { throw MigrationError.pausedByUser }
+                return nil
+            }
+        }
+    }
+}

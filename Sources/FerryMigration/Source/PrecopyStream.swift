@@ -1,0 +1,215 @@
+import CFerry
+import FerryMachine
+import FerryMemory
+import FerrySys
+import FerryWire
+import Glibc
+
+/// Precopy on the source's main thread: the stream's setup, passes over the pages still to
+/// send (KVM's dirty log re-collected after each), the convergence decision
+/// (`ConvergencePolicy`), and the stop-and-copy switch-over: stop the guest, send the last
+/// dirty pages and the vCPU state, EOF. With a socket transport the destination answers
+/// over the return path once its guest runs, which is when the downtime ends. Any failure
+/// or cancel before that leaves the source guest running.
+extension OutgoingMigration {
+    func sendSetup(_ ch: MigrationChannel, returnPath: Bool) throws {
+        header.removeAll()
+        header.fileHeader()
+        header.configuration()
+        if returnPath {
+            header.command(.openReturnPath)
+            header.ping(1)
+        }
+        if capabilities.contains(.postcopyRAM) {
+            guard returnPath else { throw MigrationError(.config, "postcopy needs a return path: use a tcp: or unix: URI") }
+            if capabilities.contains(.postcopyPreempt), case .exec = uri { throw MigrationError(.config, "postcopy-preempt needs a tcp: or unix: URI") }
+            header.postcopyAdvise()
+        }
+        header.sectionHeader(.start, id: Self.ramSectionID, name: Wire.ramSectionName, version: Wire.ramSectionVersion)
+        header.ramMemSize(blocks: [(block.name, UInt64(block.length))])
+        header.ramSectionEnd(id: Self.ramSectionID)
+        try ch.write(header)
+        try ch.flush()
+    }
+
+    /// Precopy passes until the policy says stop (or postcopy was asked for).
+    func iterateUntilConverged(_ ch: MigrationChannel) throws -> ConvergencePolicy.Verdict {
+        var policy = ConvergencePolicy(now: Sys.monotonicNanos(), sent: ch.bytesWritten, ramBytes: UInt64(block.length))
+        limiter.reset(now: Sys.monotonicNanos(), sent: ch.bytesWritten, bytesPerSecond: parameters.maxBandwidth)
+        while true {
+            try checkPrecopy()
+            if lock.withLock({ asked.postcopy }) { return .switchToPostcopy }
+            header.removeAll()
+            header.ramSectionBegin(.part, id: Self.ramSectionID)
+            try ch.write(header)
+            let passDone = try sendPages(ch, limited: true)
+            header.removeAll()
+            header.ramSectionEnd(id: Self.ramSectionID)
+            if uri.isBidirectional { pingIfDue() }
+            try ch.write(header)
+            try ch.flush()
+            updateStats { $0.remaining = UInt64(toSend.popcount()) << Wire.pageShift }
+            guard passDone else { continue }
+
+            // End of a pass: collect what the guest dirtied meanwhile.
+            let now = Sys.monotonicNanos()
+            try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+            let p = parameters
+            let autoSwitch = capabilities.contains(.postcopyRAM) ? p.postcopyAutoSwitchPasses : 0
+            let (verdict, pass) = policy.passEnded(now: now, sent: ch.bytesWritten, dirtyPages: UInt64(toSend.popcount()), pageSize: Wire.pageSize,
+                                                   downtimeLimitMs: p.downtimeLimit, maxBandwidth: p.maxBandwidth, autoSwitchPasses: autoSwitch)
+            let syncCount: UInt64 = updateStats {
+                $0.dirtySyncCount += 1
+                $0.remaining = pass.remaining
+                $0.expectedDowntimeMs = pass.expectedDowntimeMs
+                $0.dirtyPagesRate = pass.dirtyPagesRate
+                $0.mbps = pass.mbps
+                $0.pagesPerSecond = pass.pagesPerSecond
+                $0.precopyBytes = ch.bytesWritten
+                if verdict == .switchToPostcopy { $0.autoSwitched = true }
+                return $0.dirtySyncCount
+            }
+            host.emit(.pass(Int(syncCount)))
+            if verdict != .anotherPass { return verdict }
+        }
+    }
+
+    /// The stop-and-copy switch-over and the end of a precopy migration.
+    func completePrecopy(_ ch: MigrationChannel, returnPath: Bool) throws {
+        stopGuestForSwitchover()
+        let stopNanos = Sys.monotonicNanos()
+        try advance(.converged)
+        let before = ch.bytesWritten
+        try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+        header.removeAll()
+        header.ramSectionBegin(.end, id: Self.ramSectionID)
+        try ch.write(header)
+        cursor = 0
+        _ = try sendPages(ch, limited: false)
+        header.removeAll()
+        header.ramSectionEnd(id: Self.ramSectionID)
+        header.deviceSection(id: Self.cpuSectionID, name: Wire.cpuSectionName, version: Wire.cpuSectionVersion,
+                             blob: try machine.vcpu.saveState().encoded())
+        header.eof()
+        try ch.write(header)
+        try ch.flush()
+        updateStats { $0.downtimeBytes = ch.bytesWritten - before; $0.remaining = 0 }
+        if returnPath {
+            let shut = try waitForShut(seconds: 60)
+            guard shut == 0 else { throw MigrationError(.peerFailed, "the destination failed to load the migration (SHUT \(shut))") }
+        } else if case .exec = uri {
+            Glibc.shutdown(ch.fd, Int32(SHUT_WR))
+        }
+        try ch.finishOutput() // exec: the command consumed everything; file: on disk
+        let end = Sys.monotonicNanos()
+        try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // the migration is done; a stale log costs nothing
+        host.setRunState(.postmigrate)
+        try advance(.finished) {
+            $0.downtimeMs = (end - stopNanos) / 1_000_000
+            $0.endNanos = end
+            $0.transferred = ch.bytesWritten
+            $0.expectedDowntimeMs = nil
+        }
+        ch.close()
+    }
+
+    /// A PING every 250 ms on socket migrations (`PingSchedule`), queued in `header`.
+    func pingIfDue() {
+        if let v = pings.due(now: Sys.monotonicNanos()) { header.ping(v) }
+    }
+
+    /// Sends pages still to send, from the cursor on. With `limited`, stops at the rate
+    /// limit or after 50 ms (QEMU's MAX_WAIT) so the caller can check for cancel.
+    /// Returns true when no page is left in this pass.
+    func sendPages(_ ch: MigrationChannel, limited: Bool) throws -> Bool {
+        let started = Sys.monotonicNanos()
+        // With a limit, the budget is checked at every page: at low limits a 64-page batch
+        // is more than several windows' worth.
+        let limit = parameters.maxBandwidth
+        let checkEvery = limited && limit > 0 && limit < 64 << 20 ? 1 : 64
+        var first = true
+        var batch = 0
+        var normal: UInt64 = 0, duplicate: UInt64 = 0
+        defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
+        while let i = toSend.nextSet(from: cursor) {
+            guard toSend.testAndClear(i) else { cursor = i + 1; continue }
+            if try PageRecord.send(ch, block, i, named: first, buffer: &header) { duplicate += 1 } else { normal += 1 }
+            first = false
+            cursor = i + 1
+            batch += 1
+            if batch % checkEvery == 0 {
+                if limited {
+                    if try rateLimit(ch) { return false }
+                    if Sys.nanosSince(started) > 50_000_000 { return false }
+                } else {
+                    try ch.flush()
+                }
+            }
+        }
+        cursor = 0
+        return true
+    }
+
+    /// Sleeps while the rate limiter says the budget is spent. Returns true when the caller
+    /// should end the section (it waited).
+    private func rateLimit(_ ch: MigrationChannel) throws -> Bool {
+        var wait = limiter.delay(sent: ch.bytesWritten + UInt64(ch.pendingBytes), now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxBandwidth)
+        guard wait > 0 else { return false }
+        try ch.flush()
+        while wait > 0 {
+            try checkPrecopy()
+            usleep(UInt32(min(wait / 1000, 10_000)))
+            wait = limiter.delay(sent: ch.bytesWritten, now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxBandwidth)
+        }
+        return true
+    }
+
+    /// Stops the guest for the switch-over (precopy's last pass or the postcopy package).
+    /// A guest already paused by the operator gets no second STOP event.
+    func stopGuestForSwitchover() {
+        let before = host.runState
+        switchover.runStateBefore = before
+        host.setRunState(.finishMigrate)
+        machine.pause()
+        switchover.stoppedByUs = before == .running
+        if switchover.stoppedByUs { host.emit(.stop) }
+    }
+
+    /// Waits for the destination's SHUT after EOF: 0 means its guest runs.
+    func waitForShut(seconds: Double) throws -> UInt32 {
+        let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
+        let shut: UInt32? = try lock.withLock {
+            try lock.wait(until: deadline) { () throws -> UInt32? in
+                if let s = inbox.shut { return s }
+                if let e = inbox.failure { throw MigrationError(.io, "return path failed before the destination confirmed", cause: e) }
+                if phase == .cancelling { throw MigrationError.cancelledByUser }
+                if asked.pause { throw MigrationError.pausedByUser }
+                return nil
+            }
+        }
+        guard let shut else { throw MigrationError(.timeout, "the destination did not confirm within \(Int(seconds)) s") }
+        return shut
+    }
+}
+
+/// One page on the wire: ZERO for an all-zero page, else PAGE with the page referenced
+/// straight from guest RAM (no copy). The block name goes with the first record of a
+/// section (later ones say CONTINUE).
+enum PageRecord {
+    /// Returns true for a zero page.
+    @discardableResult
+    static func send(_ ch: MigrationChannel, _ block: RAMBlock, _ i: Int, named: Bool, buffer: inout WireBuffer) throws -> Bool {
+        let page = block.page(i)
+        buffer.removeAll()
+        let offset = UInt64(i) << Wire.pageShift
+        if ferry_page_is_zero(page) != 0 {
+            buffer.ramRecord(offset: offset, flags: .zero, block: named ? block.name : nil)
+            try ch.write(buffer)
+            return true
+        }
+        buffer.ramRecord(offset: offset, flags: .page, block: named ? block.name : nil)
+        try ch.write(buffer)
+        try ch.write(reference: page, count: Wire.pageSize)
+        return false
+    }
+}
