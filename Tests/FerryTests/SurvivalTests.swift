@@ -153,6 +153,49 @@ struct SurvivalTests {
         if end == .cancelled { #expect(pair.source.runState == .running) } else { pair.expectDestinationRunsCorrectly() }
     }
 
+    @Test("cancel at the exact points of the postcopy switch-over: accepted while the guest is stopped and no package is built (the guest runs here again), refused once the package went out (the migration completes, the status never freezes, the next migration works)",
+          arguments: [SwitchoverPoint.postcopyStopped, .packageFlushed])
+    func cancelAtSwitchoverPoint(point: SwitchoverPoint) throws {
+        let pair = try Pair()
+        for h in [pair.source, pair.destination] { try h.setCapabilities([(.postcopyRAM, true)]) }
+        let target = try pair.listen()
+        pair.source.setParameters { $0.maxBandwidth = 5_000_000 }
+        let answers = Recorder<String>()
+        pair.source.switchoverHook = { [source = pair.source] reached in
+            guard reached == point else { return }
+            do { try source.cancel(); answers.append("accepted") } catch { answers.append("refused: \(error)") }
+        }
+        let statuses = Recorder<MigrationStatus>()
+        pair.source.subscribe { if case .status(let s) = $0 { statuses.append(s) } }
+        try pair.source.migrate(uri: target)
+        #expect(waitUntil { pair.source.queryMigrate().status == .active })
+        try pair.source.startPostcopy()
+        let end = pair.source.waitForMigration(seconds: 120)
+        #expect(answers.values.count == 1, "the hook ran \(answers.values.count) times")
+        if point == .postcopyStopped {
+            #expect(answers.values.first == "accepted")
+            #expect(end == .cancelled)
+            #expect(statuses.values.suffix(2) == [.cancelling, .cancelled], "\(statuses.values)")
+            #expect(pair.source.runState == .running)
+            #expect(waitForPasses(pair.source.machine, 2), "the source guest does not run after the cancel")
+            return
+        }
+        #expect(answers.values.first?.hasPrefix("refused: Postcopy migration in progress") == true, "\(answers.values)")
+        #expect(end == .completed)
+        #expect(!statuses.values.contains(.cancelling), "\(statuses.values)")
+        #expect(pair.destination.waitForMigration(seconds: 30) == .completed)
+        pair.expectDestinationRunsCorrectly()
+        pair.destination.machine.resume()
+        // Nothing stayed frozen: the guest moves on again, from its new host to a third one.
+        let third = VMHost(machine: try Machine(memorySize: 64 << 20), incoming: true)
+        try third.migrateIncoming(uri: "tcp:127.0.0.1:0")
+        pair.destination.setParameters { $0.maxBandwidth = 0 }
+        try pair.destination.setCapabilities([(.postcopyRAM, false)])
+        try pair.destination.migrate(uri: third.queryMigrate().socketAddress!.description)
+        #expect(pair.destination.waitForMigration(seconds: 60) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
+        #expect(third.waitForMigration(seconds: 20) == .completed)
+    }
+
     @Test("a stray connection (connect+close, garbage) does not ruin a waiting destination; the real source then migrates")
     func strayConnections() throws {
         let pair = try Pair(memory: 32 << 20)

@@ -280,7 +280,12 @@ final class OutgoingMigration: @unchecked Sendable {
 }
 
 /// Points of the switch-over a test may act at (`VMHost.switchoverHook`).
-enum SwitchoverPoint: Sendable { case packageFlushed }
+enum SwitchoverPoint: Sendable, Equatable {
+    /// The guest is stopped for postcopy; the package is not built yet (cancel still wins).
+    case postcopyStopped
+    /// The package went out whole; the hand-over to the destination comes next.
+    case packageFlushed
+}
 
 /// The guest was stopped by this migration's switch-over, or was paused already.
 struct SwitchoverRecord {

@@ -12,6 +12,7 @@ extension OutgoingMigration {
         stopGuestForSwitchover()
         let stopNanos = Sys.monotonicNanos()
         try advance(.switchToPostcopy)
+        reach(.postcopyStopped)
         try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
         try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
