@@ -35,7 +35,7 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(name: "FerryTLS", dependencies: ["COpenSSL", "FerrySys"]),
         .target(name: "FerryMigration", dependencies: ["FerryTLS", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
-        .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryTLS", "FerryMachine", "FerrySys", "CFerry"]),
+        .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryWire", "FerryTLS", "FerryMachine", "FerrySys", "CFerry"]),
         .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys", "CFerry"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryHarness", "FerryQMP", "FerryMigration", "FerryMachine", "FerryMemory", "FerrySys",

@@ -6,6 +6,10 @@ import Glibc
 /// reset (RST), blackhole (bytes silently dropped, no RST: a partition), stall (nothing
 /// read, nothing forwarded), corrupt (flip bytes). Failures fire on command or when a byte
 /// pattern (a command or return-path message) passes in a chosen direction.
+///
+/// Ownership: the ports, `listenFd`, `delayNanos`, `namespace`, `listenHost` are immutable;
+/// `mode`, `connections`, `triggers`, `acceptThread`, `closed` and the counters are guarded
+/// by `lock`.
 public final class FaultProxy: @unchecked Sendable {
     public enum Mode: Sendable, Equatable { case pass, blackhole, stall }
     public enum Action: Sendable { case reset, blackhole, stall, corrupt }
@@ -27,13 +31,14 @@ public final class FaultProxy: @unchecked Sendable {
     private var acceptedCount = 0
     private var firedActions: [String] = []
 
+    /// One proxied connection. Ownership: `a` and `b` are immutable; `dead`, `threads`,
+    /// `finishedPumps` are guarded by the proxy's `lock`.
     final class Link: @unchecked Sendable {
         let a: Int32, b: Int32 // a: client (source) side, b: upstream (destination) side
         var dead = false
         var threads: [KernelThread] = []
         /// Pumps that ended by themselves (EOF or error); at 2 the link cleans up.
         var finishedPumps = 0
-        var corruptNext = [false, false]
         init(_ a: Int32, _ b: Int32) { self.a = a; self.b = b }
     }
 
@@ -277,6 +282,7 @@ public final class FaultProxy: @unchecked Sendable {
 private extension Int32 { var isTrue: Bool { self != 0 } }
 
 /// A FIFO of chunks with release times, between a proxy pump and its delayed writer.
+/// Ownership: `items`, `head` and `done` are guarded by `m`.
 final class DelayLine: @unchecked Sendable {
     private let m = Monitor()
     private var items: [([UInt8], UInt64)] = []

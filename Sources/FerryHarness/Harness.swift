@@ -7,6 +7,7 @@ import Glibc
 
 /// Runs whole `ferry run` processes and drives them over QMP, as an operator would: the
 /// demo and the benchmarks are built on it.
+/// Ownership: every field is immutable; `qmp` serialises its own use.
 public final class FerryProcess: @unchecked Sendable {
     public let pid: pid_t
     public let qmpPath: String
@@ -125,6 +126,7 @@ public func makeTestTLSCredentials(in directory: String) throws {
 
 /// The VM processes a demo or benchmark started, so that an interrupted run (Ctrl-C,
 /// SIGTERM) takes them down with it instead of leaving them migrating in the background.
+/// Ownership: `pids` is guarded by `lock`.
 public final class ChildProcesses: @unchecked Sendable {
     public static let shared = ChildProcesses()
     private let lock = Monitor()
@@ -160,20 +162,7 @@ public func ferryExecutable() -> String {
 }
 
 public func spawn(_ exe: String, _ args: [String]) throws -> pid_t {
-    var pid: pid_t = 0
-    var cargs = ([exe] + args).map { strdup($0) } + [nil]
-    defer { for p in cargs { free(p) } }
-    // The child must see SIGINT/SIGTERM again (callers may block them for sigwait).
-    var attr = posix_spawnattr_t()
-    posix_spawnattr_init(&attr)
-    var empty = sigset_t()
-    sigemptyset(&empty)
-    posix_spawnattr_setsigmask(&attr, &empty)
-    posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK))
-    defer { posix_spawnattr_destroy(&attr) }
-    let r = posix_spawn(&pid, exe, nil, &attr, &cargs, environ)
-    guard r == 0 else { throw SysError(errno: r, call: "posix_spawn(\(exe))") }
-    return pid
+    try Sys.spawn(exe, args)
 }
 
 /// One measured migration between two fresh processes.

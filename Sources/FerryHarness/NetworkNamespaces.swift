@@ -6,6 +6,7 @@ import Glibc
 /// Two network namespaces joined by a veth pair (needs root): source at 10.77.0.1 in
 /// `ferry-src`, destination at 10.77.0.2 in `ferry-dst`. The link can be taken down (a
 /// silent partition: no RST, packets go nowhere) and shaped with `tc tbf`.
+/// Ownership: every field is immutable; the namespaces are the kernel's.
 public final class VethLink: @unchecked Sendable {
     public let sourceNamespace = "ferry-src"
     public let destinationNamespace = "ferry-dst"

@@ -21,6 +21,7 @@ func kvmCall<T>(_ what: @autoclosure () -> String, _ body: () throws(SysError) -
 }
 
 /// The `/dev/kvm` system handle. Creates VMs; owns its fd.
+/// Ownership: `fd` and `vcpuMmapSize` are immutable; `savedMSRs` is set once in init.
 public final class Kvm: @unchecked Sendable {
     public let fd: Int32
     public let vcpuMmapSize: Int
@@ -76,6 +77,9 @@ public final class Kvm: @unchecked Sendable {
 }
 
 /// A KVM virtual machine: memory slots, dirty logging, vCPUs. Owns its fd.
+/// Ownership: `kvm` and `fd` are immutable; `manualDirtyProtect` and `slots` are set while
+/// the machine is built (one thread, before any vCPU or migration thread starts) and only
+/// read afterwards; a slot's scratch bitmap is used by the one migration thread at a time.
 public final class VirtualMachine: @unchecked Sendable {
     public let kvm: Kvm
     public let fd: Int32

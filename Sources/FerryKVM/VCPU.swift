@@ -17,6 +17,9 @@ public enum VCPUExit {
 }
 
 /// One virtual CPU. Owns its fd and the mapped `kvm_run` area.
+/// Ownership: `vm`, `fd`, `id`, `run` are immutable; `msrIndices` is set once when the
+/// vCPU is created, before its thread starts; `kvm_run` is the vCPU thread's, except the
+/// `immediate_exit` byte, written from other threads as KVM documents.
 public final class VCPU: @unchecked Sendable {
     public let vm: VirtualMachine
     public let fd: Int32

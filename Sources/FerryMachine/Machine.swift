@@ -24,6 +24,8 @@ public enum VCPURunState: String, Sendable {
 /// A running VM: KVM VM + guest RAM (`pc.ram` at 0, slot 0) + one vCPU on a dedicated
 /// thread + COM1. Pause/resume from any thread; pausing always completes a pending I/O
 /// exit first (KVM_RUN with immediate_exit), so saved state is consistent.
+///
+/// Ownership: `core` is immutable; its mutable state is `MachineCore`'s.
 public final class Machine: @unchecked Sendable {
     public static let ramSlot: UInt32 = 0
     /// Largest guest RAM: up to the IOAPIC/LAPIC window at 0xfec00000 (4076 MiB).
@@ -79,6 +81,9 @@ public final class Machine: @unchecked Sendable {
     public func stop() { core.stop() }
 }
 
+/// Ownership: the devices are immutable references; `thread`, `pauseRequested`,
+/// `quitRequested`, `parked`, `_state`, `_error`, `_unhandledIO` and `_exits` are guarded by
+/// `monitor`; `onGuestStop` is set before the vCPU thread starts and only read after.
 final class MachineCore: @unchecked Sendable {
 
     public let kvm: Kvm

@@ -11,6 +11,8 @@ public enum SerialSink: Sendable {
 
 /// A minimal 16550 UART at COM1 (0x3f8): transmit only. The line status register always
 /// says "transmitter empty", so polling guests never wait.
+/// Ownership: `fd`, `ownsFd`, `keep` are immutable; `registers` and `sinkGone` belong to the
+/// vCPU thread (port I/O exits); `_output` and `_bytes` are guarded by `lock`.
 public final class SerialPort: @unchecked Sendable {
     public static let base: UInt16 = 0x3f8
     private let fd: Int32

@@ -5,6 +5,10 @@ import CFerry
 ///
 /// Wire form (QEMU's received bitmap): little-endian 64-bit words, bit i = page i,
 /// i.e. page i is bit (i % 8) of byte (i / 8).
+///
+/// Ownership: the sizes and the `words` pointer are immutable; the words themselves are
+/// read and changed only with atomic operations (or, for whole-bitmap operations, by one
+/// thread while the others are known to be quiet, as each caller says).
 public final class PageBitmap: @unchecked Sendable {
     public let bitCount: Int
     public let wordCount: Int

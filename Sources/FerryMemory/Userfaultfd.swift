@@ -7,6 +7,8 @@ import Glibc
 ///
 /// Opened through `/dev/userfaultfd` first, then the `userfaultfd(2)` syscall; never
 /// user-mode-only, because KVM reads and writes guest memory from the kernel.
+///
+/// Ownership: `fd` and `features` are immutable; the kernel serialises the ioctls.
 public final class Userfaultfd: @unchecked Sendable {
     public let fd: Int32
     /// Features the kernel granted (e.g. UFFD_FEATURE_THREAD_ID for per-vCPU blocktime).

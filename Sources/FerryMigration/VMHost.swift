@@ -14,6 +14,9 @@ public enum RunState: String, Sendable {
 /// One VM process's control centre: the machine, its run state, migration capabilities and
 /// parameters, and the current outgoing or incoming migration. QMP drives it; the engines
 /// report through it. Takes exclusive charge of the machine while a migration runs.
+///
+/// Ownership: `machine` is immutable; every other mutable field is guarded by `lock`
+/// (taken before a migration's own lock, never after it).
 public final class VMHost: @unchecked Sendable {
     public let machine: Machine
     let lock = Monitor()

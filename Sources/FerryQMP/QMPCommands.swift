@@ -3,6 +3,7 @@ import FerryMachine
 import FerryMemory
 import FerryMigration
 import FerrySys
+import FerryWire
 import Glibc
 
 /// The QMP commands Ferry implements, with QEMU's names, arguments and result shapes.
@@ -154,9 +155,9 @@ enum QMPCommands {
             if let e = s.expectedDowntimeMs, s.status == .active { r["expected-downtime"] = e }
             r["ram"] = [
                 "transferred": s.transferred, "remaining": s.remaining, "total": s.total,
-                "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * 4096,
+                "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * UInt64(Wire.pageSize),
                 "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
-                "dirty-pages-rate": s.dirtyPagesRate, "page-size": 4096, "precopy-bytes": s.precopyBytes,
+                "dirty-pages-rate": s.dirtyPagesRate, "page-size": Wire.pageSize, "precopy-bytes": s.precopyBytes,
                 "downtime-bytes": s.downtimeBytes, "postcopy-bytes": 0, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
                 "x-auto-postcopy": s.autoSwitched,
             ] as [String: Any]

@@ -14,6 +14,7 @@ struct QMPRequest {
     let name: String
     let arguments: [String: Any]
 
+    /// Unchecked because `id` is `Any` (a JSON value): it is immutable and only read.
     struct Failure: Error, @unchecked Sendable {
         let error: QMPError
         /// The request's id when it could be read, so the error answers it.

@@ -3,6 +3,7 @@ import FerryMachine
 import FerryMigration
 import FerrySys
 import Glibc
+import Synchronization
 
 /// QEMU Machine Protocol server on a Unix socket (mode 0600). Each client has a reader
 /// thread and a writer thread; events go to every client that finished capabilities
@@ -25,9 +26,16 @@ public final class QMPServer: @unchecked Sendable {
     /// Replies and events queued for one client before it counts as stuck.
     static let maxOutbox = 1 << 20
 
+    /// One connected client. Ownership: `fd` is immutable; `negotiated` is written by the
+    /// client's reader thread and read by whoever emits an event: an atomic; `outbox` and
+    /// `dead` are guarded by `outLock`.
     final class Client: @unchecked Sendable {
         let fd: Int32
-        var negotiated = false
+        private let negotiatedFlag = Atomic<Bool>(false)
+        var negotiated: Bool {
+            get { negotiatedFlag.load(ordering: .acquiring) }
+            set { negotiatedFlag.store(newValue, ordering: .releasing) }
+        }
         private let outLock = Monitor()
         private var outbox: [UInt8] = []
         private var dead = false

@@ -38,6 +38,7 @@ public enum TLSEndpoint: String, Sendable { case client, server }
 /// `server-cert.pem` + `server-key.pem`; the client has `client-cert.pem` + `client-key.pem`,
 /// needed when the server verifies peers (QEMU's default). PSK: `dir/keys.psk` with lines
 /// `identity:hexkey`; the client uses `username` (default "qemu").
+/// Ownership: every field is immutable after init; the SSL_CTX is shared read-only.
 public final class TLSCredentials: @unchecked Sendable {
     public enum Kind: Sendable, Equatable { case x509(dir: String), psk(dir: String, username: String) }
     public let id: String

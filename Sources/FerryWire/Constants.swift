@@ -24,6 +24,11 @@ public enum Wire {
     public static let recvBitmapEnding: UInt64 = 0x0123_4567_89ab_cdef
     public static let resumeAckValue: UInt32 = 1
     public static let pingPackagedLoaded: UInt32 = 0x42
+    /// Ferry's own: the destination's unsolicited keep-alive PONG (every 250 ms from its own
+    /// thread), so the source hears a live peer even while the destination works through a
+    /// backlog of stream data. A source that does not know it ignores it (QEMU only traces
+    /// PONG values).
+    public static let pongKeepalive: UInt32 = 0x4b41_4c56 // "KALV"
 }
 
 public enum SectionType: UInt8, Sendable {

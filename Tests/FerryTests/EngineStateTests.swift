@@ -7,17 +7,7 @@ import Testing
 struct EngineStateTests {
     // MARK: source phases
 
-    /// Walks `events` from `none` and returns the statuses a QMP client would see.
-    func statuses(_ events: [SourceEvent]) -> [MigrationStatus]? {
-        var p = SourcePhase.none
-        var seen: [MigrationStatus] = []
-        for e in events {
-            guard let n = p.next(e) else { return nil }
-            if n.status != p.status { seen.append(n.status) }
-            p = n
-        }
-        return seen
-    }
+    func statuses(_ events: [SourceEvent]) -> [MigrationStatus]? { SourcePhase.none.statuses(after: events) }
 
     @Test("the source's phases give QEMU's status sequences for precopy, postcopy and a recovery")
     func sourceSequences() {
@@ -64,16 +54,7 @@ struct EngineStateTests {
 
     @Test("the destination's phases give QEMU's status sequences")
     func destinationSequences() {
-        func walk(_ events: [DestinationEvent]) -> [MigrationStatus]? {
-            var p = DestinationPhase.none
-            var seen: [MigrationStatus] = []
-            for e in events {
-                guard let n = p.next(e) else { return nil }
-                if n.status != p.status { seen.append(n.status) }
-                p = n
-            }
-            return seen
-        }
+        func walk(_ events: [DestinationEvent]) -> [MigrationStatus]? { DestinationPhase.none.statuses(after: events) }
         #expect(walk([.start, .sourceConnected, .finished]) == [.setup, .active, .completed])
         #expect(walk([.start, .sourceConnected, .packageOpened, .listen, .run, .linkLost, .recoveryConnected, .resumed, .finished])
                 == [.setup, .active, .postcopyDevice, .postcopyActive, .postcopyPaused, .postcopyRecover, .postcopyActive, .completed])

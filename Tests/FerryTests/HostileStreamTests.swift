@@ -9,7 +9,7 @@ import Testing
 @Suite("hostile streams", .serialized)
 struct HostileStreamTests {
     func feed(_ bytes: [UInt8]) throws -> (VMHost, MigrationStats) {
-        let dst = VMHost(machine: try Machine(memorySize: 4 << 20), incoming: true)
+        let dst = try VMHost.forTest(memory: 4 << 20, incoming: true)
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         guard case let .tcp(_, port) = dst.queryMigrate().socketAddress! else { fatalError() }
         let fd = connectLoopback(port: port)
@@ -28,7 +28,7 @@ struct HostileStreamTests {
     func wrongMagic() throws {
         // Not a migration stream at all (issue 12: a stray connection must not ruin a
         // waiting destination), so it no longer fails the migration.
-        let dst = VMHost(machine: try Machine(memorySize: 4 << 20), incoming: true)
+        let dst = try VMHost.forTest(memory: 4 << 20, incoming: true)
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         guard case let .tcp(_, port) = dst.queryMigrate().socketAddress! else { fatalError() }
         let fd = connectLoopback(port: port)
@@ -76,9 +76,9 @@ struct HostileStreamTests {
 
     @Test("a destination whose RAM differs fails the migration; the source keeps running")
     func layoutMismatch() throws {
-        let src = VMHost(machine: try Machine(memorySize: 16 << 20), incoming: false)
+        let src = try VMHost.forTest(memory: 16 << 20, incoming: false)
         try src.boot(image: nil)
-        let dst = VMHost(machine: try Machine(memorySize: 8 << 20), incoming: true)
+        let dst = try VMHost.forTest(memory: 8 << 20, incoming: true)
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         try src.migrate(uri: dst.queryMigrate().socketAddress!.description)
         #expect(dst.waitForMigration(seconds: 20) == .failed)
@@ -98,7 +98,7 @@ struct HostileStreamTests {
     @Test("a hostile destination's page requests (outside RAM, unknown block, unaligned, huge, a flood before postcopy, garbage) fail the migration; the source guest is intact",
           arguments: HostileReturnPath.allCases)
     func hostileReturnPath(_ kind: HostileReturnPath) throws {
-        let src = VMHost(machine: try Machine(memorySize: 32 << 20), incoming: false)
+        let src = try VMHost.forTest(memory: 32 << 20, incoming: false)
         try src.boot(image: nil)
         let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 0))
         defer { listener.close() }

@@ -13,8 +13,8 @@ struct Pair {
     let destination: VMHost
 
     init(memory: Int = 64 << 20) throws {
-        source = VMHost(machine: try Machine(memorySize: memory), incoming: false)
-        destination = VMHost(machine: try Machine(memorySize: memory), incoming: true)
+        source = try VMHost.forTest(memory: memory, incoming: false)
+        destination = try VMHost.forTest(memory: memory, incoming: true)
         try source.boot(image: nil)
         #expect(waitForPasses(source.machine, 2))
     }
@@ -114,7 +114,7 @@ struct PrecopyTests {
 
     @Test("bad URIs are refused with a clear error", arguments: ["tcp:nohost", "foo:bar", "unix:", "tcp:1.2.3.4:99999", "nonsense"])
     func badURI(uri: String) throws {
-        let host = VMHost(machine: try Machine(memorySize: 4 << 20), incoming: false)
+        let host = try VMHost.forTest(memory: 4 << 20, incoming: false)
         try host.boot(image: nil)
         #expect(throws: MigrationError.self) { try host.migrate(uri: uri) }
         #expect(host.runState == .running)

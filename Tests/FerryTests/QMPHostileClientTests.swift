@@ -54,7 +54,7 @@ struct QMPHostileClientTests {
     let path = "/tmp/ferry-qmp-hostile-\(getpid()).sock"
 
     func withServer(_ body: (VMHost, QMPServer) throws -> Void) throws {
-        let host = VMHost(machine: try Machine(memorySize: 32 << 20), incoming: false)
+        let host = try VMHost.forTest(memory: 32 << 20, incoming: false)
         try host.boot(image: nil)
         let server = try QMPServer(path: path, host: host)
         try server.start()

@@ -32,7 +32,7 @@ struct ProxiedPair {
         if preempt { caps.append((.postcopyPreempt, true)) }
         for h in [pair.source, pair.destination] {
             try h.setCapabilities(caps)
-            h.setParameters { $0.heartbeatTimeout = heartbeatMs; $0.autoRecoverTimeout = 120_000 }
+            h.setParameters { $0.heartbeatTimeout = heartbeatMs * testTimeScale; $0.autoRecoverTimeout = 120_000 }
         }
         let target = try pair.listen()
         guard case let .tcp(_, port) = try MigrationURI(target) else { throw MigrationError(.badURI, target) }

@@ -111,7 +111,7 @@ struct SurvivalTests {
         var reader: Int32 = -1
         for (n, uri) in ["file:\(fifo)", "file:\(fifo)", "exec:sleep 61.25"].enumerated() {
             if n == 1 { reader = open(fifo, O_RDONLY | O_NONBLOCK) }
-            let host = VMHost(machine: try Machine(memorySize: 32 << 20), incoming: false)
+            let host = try VMHost.forTest(memory: 32 << 20, incoming: false)
             try host.boot(image: nil)
             host.setParameters { $0.maxBandwidth = 0 }
             try host.migrate(uri: uri)
@@ -187,7 +187,7 @@ struct SurvivalTests {
         pair.expectDestinationRunsCorrectly()
         pair.destination.machine.resume()
         // Nothing stayed frozen: the guest moves on again, from its new host to a third one.
-        let third = VMHost(machine: try Machine(memorySize: 64 << 20), incoming: true)
+        let third = try VMHost.forTest(memory: 64 << 20, incoming: true)
         try third.migrateIncoming(uri: "tcp:127.0.0.1:0")
         pair.destination.setParameters { $0.maxBandwidth = 0 }
         try pair.destination.setCapabilities([(.postcopyRAM, false)])
@@ -275,7 +275,7 @@ struct SurvivalTests {
         mkdir(dir, 0o700)
         #expect(mount("tmpfs", dir, "tmpfs", 0, "size=1m") == 0, "mount: \(String(cString: strerror(errno)))")
         defer { umount(dir); rmdir(dir) }
-        let host = VMHost(machine: try Machine(memorySize: 32 << 20), incoming: false)
+        let host = try VMHost.forTest(memory: 32 << 20, incoming: false)
         try host.boot(image: nil)
         #expect(waitForPasses(host.machine, 1))
         host.setParameters { $0.maxBandwidth = 0 }

@@ -8,6 +8,14 @@ import Synchronization
 /// One migration connection (socket, pipe or file), owning its fd. Reads are buffered and
 /// feed the stream decoder; writes batch small headers and whole pages from guest RAM into
 /// large `writev` calls, so bulk sending does no per-page allocation or copy.
+///
+/// Ownership: `fd`, `description`, `isSocket`, `abortFd` and the buffers' addresses are
+/// immutable; the read side (`readStart`, `readEnd`, the read buffer) belongs to the one
+/// thread that reads the channel, the write side (`iovecs`, `stagingUsed`, `queuedBytes`,
+/// the staging and TLS gather areas) to the one thread that writes it; the byte counters
+/// are atomics; `closed`, `childPID` (set before the channel is shared) and the read timeout are
+/// guarded by `closeLock`; `tls`
+/// is set once, right after the handshake, before either side is used.
 public final class MigrationChannel: ByteSource, @unchecked Sendable {
     public let fd: Int32
     public let description: String
@@ -62,7 +70,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         var st = stat()
         fstat(fd, &st)
         isSocket = (st.st_mode & S_IFMT) == S_IFSOCK
-        readBuffer = .allocate(byteCount: readCapacity, alignment: 4096)
+        readBuffer = .allocate(byteCount: readCapacity, alignment: Wire.pageSize)
         staging = .allocate(byteCount: stagingCapacity, alignment: 64)
         iovecs = []
         iovecs.reserveCapacity(maxIovecs)

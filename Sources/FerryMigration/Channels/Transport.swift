@@ -157,26 +157,15 @@ public enum Transport {
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
             throw MigrationError(.connect, "socketpair failed", cause: SysError(errno: errno, call: "socketpair"))
         }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, sv[1], childFd)
         // Its own process group, so a cancel can end the command and whatever it started.
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETPGROUP))
-        posix_spawnattr_setpgroup(&attr, 0)
-        var pid: pid_t = 0
-        let args = ["/bin/sh", "-c", command]
-        var cargs = args.map { strdup($0) } + [nil]
-        defer { for p in cargs { free(p) } }
-        let r = posix_spawn(&pid, "/bin/sh", &actions, &attr, &cargs, environ)
-        Sys.close(sv[1])
-        guard r == 0 else {
-            Sys.close(sv[0])
-            throw MigrationError(.connect, "cannot run \(command)", cause: SysError(errno: r, call: "posix_spawn"))
+        let pid: pid_t
+        do {
+            pid = try Sys.spawn("/bin/sh", ["-c", command], fdMap: [(sv[1], childFd)], ownProcessGroup: true)
+        } catch {
+            Sys.close(sv[1]); Sys.close(sv[0])
+            throw MigrationError(.connect, "cannot run \(command)", cause: error)
         }
+        Sys.close(sv[1])
         let ch = MigrationChannel(fd: sv[0], description: uri.description)
         ch.childPID = pid
         return ch
@@ -184,6 +173,8 @@ public enum Transport {
 }
 
 /// The destination's side of an address: accepts the incoming channel(s).
+/// Ownership: `uri`, `tls`, `fd` are immutable; `boundURI` is set in init only; `closed`
+/// is guarded by `lock`.
 public final class MigrationListener: @unchecked Sendable {
     public let uri: MigrationURI
     /// With credentials, every accepted connection must complete a TLS handshake.

@@ -80,19 +80,13 @@ final class IncomingMigration: @unchecked Sendable {
     /// goes out after, outside the lock. An illegal event throws a protocol error.
     @discardableResult
     func advance(_ event: DestinationEvent, _ body: (inout MigrationStats) -> Void = { _ in }) throws -> DestinationPhase {
-        let (before, after): (DestinationPhase, DestinationPhase?) = lock.withLock {
-            let before = phase
-            guard let next = phase.next(event) else { return (before, nil) }
-            phase = next
-            body(&_stats)
-            lock.broadcast()
-            return (before, next)
+        let (before, after) = lock.withLock {
+            let r = DestinationPhase.step(&phase, event)
+            if r.after != nil { body(&_stats); lock.broadcast() }
+            return r
         }
         guard let after else { throw MigrationError(.protocolError, "migration event \(event) is not valid in phase \(before)") }
-        if after.status != before.status {
-            host.emit(.status(after.status))
-            host.statusChanged()
-        }
+        host.announce(before.status, after.status)
         return after
     }
 
@@ -144,6 +138,7 @@ final class IncomingMigration: @unchecked Sendable {
                 if let t = ch.tlsDescription { $0.tls = t }
                 self.channel = ch
             }
+            if ch.isSocket { try startKeepalive() }
             switch try load(ch) {
             case .precopy(let cpu):
                 try machine.vcpu.restoreState(cpu)
@@ -168,6 +163,24 @@ final class IncomingMigration: @unchecked Sendable {
             if refuse { refuseRecovery() } else {
                 listener.close()
                 host.incomingFailed("\(error)")
+            }
+        }
+    }
+
+    /// The destination's side of the heartbeat (`mig/dst/alive`): a keep-alive PONG every
+    /// 250 ms on whatever return path is open, from its own thread, so that the source's
+    /// read timeout measures the link and this process, not how far the loader lags behind
+    /// its socket buffers (a slow destination is not a partitioned one). Ends with the
+    /// migration (`advance` wakes it).
+    private func startKeepalive() throws {
+        try KernelThread.detached(name: "mig/dst/alive") { [self] in
+            while true {
+                let deadline = Sys.monotonicNanos() + DestinationKeepalive.intervalNanos
+                let ended: Bool? = lock.withLock {
+                    lock.wait(until: deadline, recheckNanos: DestinationKeepalive.intervalNanos) { phase.isRunning ? nil : true }
+                }
+                if ended == true { return }
+                returnPath.send { $0.rpPong(Wire.pongKeepalive) }
             }
         }
     }
@@ -208,48 +221,5 @@ final class IncomingMigration: @unchecked Sendable {
     func releaseGuestMemory() {
         guard currentPhase.faultsCaught else { return }
         stopCatchingFaults()
-    }
-}
-
-/// The destination's return path: one writer at a time (main, fault and preempt threads),
-/// on its own lock apart from the migration's, so a send blocked on a dead link never
-/// blocks query-migrate. Lock order: this writer's lock, then the migration's.
-/// Ownership: `channel`, `buffer`, `lastRequestedBlock` are guarded by `lock`.
-final class ReturnPathWriter: @unchecked Sendable {
-    private let lock = Monitor()
-    private var channel: MigrationChannel?
-    private var buffer = WireBuffer(capacity: 64)
-    /// The block of the last page request on this channel (later ones may omit it).
-    private var lastRequestedBlock: String?
-
-    /// The return path is now `ch` (or none): the next page request names its block.
-    func attach(_ ch: MigrationChannel?) {
-        lock.withLock { channel = ch; lastRequestedBlock = nil }
-    }
-
-    var isOpen: Bool { lock.withLock { channel != nil } }
-
-    /// Writes one message; a failed write is noticed by the main thread's read.
-    func send(_ body: (inout WireBuffer) -> Void) {
-        lock.withLock {
-            guard let rp = channel else { return }
-            buffer.removeAll()
-            body(&buffer)
-            try? rp.write(buffer) // see above: the reader notices a dead link
-            try? rp.flush()
-        }
-    }
-
-    /// A page request, if `allowed` (asked with this writer's lock held) says requests flow.
-    func requestPage(_ page: Int, block: String, allowed: () -> Bool) {
-        lock.withLock {
-            guard let rp = channel, allowed() else { return }
-            let name: String? = lastRequestedBlock == block ? nil : block
-            lastRequestedBlock = block
-            buffer.removeAll()
-            buffer.rpRequestPages(block: name, offset: UInt64(page) << Wire.pageShift, length: UInt32(Wire.pageSize))
-            try? rp.write(buffer)
-            try? rp.flush()
-        }
     }
 }

@@ -8,6 +8,7 @@ import FerryWire
 /// `mig/dst/main`; postcopy-preempt's urgent channel on its own thread, `mig/dst/preempt`.
 /// Each thread has its own `PageInstaller` (its own bounce page), so they share nothing
 /// but the atomic bitmaps and the fault tracker.
+/// Ownership: every field is immutable; the bounce page belongs to the installer's thread.
 final class PageInstaller: @unchecked Sendable {
     let uffd: Userfaultfd
     let memory: GuestMemory

@@ -58,19 +58,19 @@ extension IncomingMigration {
         }
     }
 
+    /// Answers every later connection with SHUT(1) until the listener closes (the process
+    /// exits). Runs on `mig/dst/main`, whose migration has failed: it has nothing else to do.
     func refuseRecovery() {
-        let l = listener
-        try? KernelThread.detached(name: "mig/dst/refuse") {
-            while true {
-                let ch: MigrationChannel
-                do { ch = try l.accept() } catch let e as MigrationError where e.code == .tls { continue } catch { return }
-                var b = WireBuffer(capacity: 8)
-                b.rpShut(1)
-                try? ch.write(b)
-                try? ch.flush()
-                _ = ch.waitReadable(timeoutMs: 1000) // let the source read it before the close
-                ch.close()
-            }
+        var b = WireBuffer(capacity: 8)
+        b.rpShut(1)
+        while true {
+            let ch: MigrationChannel
+            do { ch = try listener.accept() } catch let e as MigrationError where e.code == .tls { continue } catch { return }
+            // A source that cannot read the answer tries again; nothing to report here.
+            try? ch.write(b)
+            try? ch.flush()
+            _ = ch.waitReadable(timeoutMs: 1000) // let the source read it before the close
+            ch.close()
         }
     }
 }

@@ -130,6 +130,8 @@ extension IncomingMigration {
                 // longer resume the guest there). Page requests flow from here on.
                 returnPath.send { $0.rpPong(Wire.pingPackagedLoaded) }
                 try advance(.run)
+                // Faults between the start and here were recorded but not yet asked for.
+                resendOutstandingRequests()
                 return
             case .section(let h):
                 cpu = try VCPUState(decoding: try decoder.readDeviceBlob())

@@ -1,3 +1,8 @@
+/// How often the destination sends its keep-alive PONG on the return path.
+enum DestinationKeepalive {
+    static let intervalNanos: UInt64 = 250_000_000
+}
+
 /// The source's heartbeat: a PING at most every 250 ms on socket migrations, so the
 /// destination's read timeout (`heartbeat-timeout`) hears from the source while the stream
 /// is quiet, and its PONGs are the return path's heartbeat. Pure: fed the time, it says

@@ -81,22 +81,16 @@ final class OutgoingMigration: @unchecked Sendable {
     /// got there first, else a state error.
     @discardableResult
     func advance(_ event: SourceEvent, _ body: (inout MigrationStats) -> Void = { _ in }) throws -> SourcePhase {
-        let (before, after): (SourcePhase, SourcePhase?) = lock.withLock {
-            let before = phase
-            guard let next = phase.next(event) else { return (before, nil) }
-            phase = next
-            body(&_stats)
-            lock.broadcast()
-            return (before, next)
+        let (before, after) = lock.withLock {
+            let r = SourcePhase.step(&phase, event)
+            if r.after != nil { body(&_stats); lock.broadcast() }
+            return r
         }
         guard let after else {
             if before == .cancelling { throw MigrationError.cancelledByUser }
             throw MigrationError(.state, "migration event \(event) is not valid in phase \(before)")
         }
-        if after.status != before.status {
-            host.emit(.status(after.status))
-            host.statusChanged()
-        }
+        host.announce(before.status, after.status)
         return after
     }
 
@@ -135,18 +129,16 @@ final class OutgoingMigration: @unchecked Sendable {
     /// refused. Ends a blocked exec:/file: migration too (the channel is aborted, its
     /// command killed).
     func cancel() throws {
-        let (accepted, ch): (Bool, MigrationChannel?) = try lock.withLock {
+        let (step, ch): ((before: SourcePhase, after: SourcePhase?), MigrationChannel?) = try lock.withLock {
             if phase.guestSplit || phase == .packageSending {
                 throw MigrationError(.state, "Postcopy migration in progress, cannot cancel (status \(phase.status.rawValue)): the guest's state is split between both hosts; recover it with migrate resume=true")
             }
-            guard let next = phase.next(.cancel) else { return (false, nil) }
-            phase = next
-            lock.broadcast()
-            return (true, channel)
+            let r = SourcePhase.step(&phase, .cancel) // refused once finished or cancelling: nothing to do
+            if r.after != nil { lock.broadcast() }
+            return (r, channel)
         }
-        guard accepted else { return }
-        host.emit(.status(.cancelling))
-        host.statusChanged()
+        guard let after = step.after else { return }
+        host.announce(step.before.status, after.status)
         ch?.abort()
     }
 
