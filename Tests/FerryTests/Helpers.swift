@@ -6,23 +6,26 @@ import Foundation
 import Glibc
 import Testing
 
-/// ThreadSanitizer makes every thread several times slower: its run in `.ci/run` sets
-/// FERRY_TEST_TIME_SCALE, and the heartbeat timeouts the tests use scale with it (a
-/// destination that lags seconds behind its socket buffers is slow, not partitioned).
+/// ThreadSanitizer makes every thread several times slower (the guest, in KVM, is not):
+/// its run in `.ci/run` sets FERRY_TEST_TIME_SCALE, and the tests' heartbeat timeouts,
+/// downtime limits and waits scale with it. 1 everywhere else.
 let testTimeScale: UInt64 = ProcessInfo.processInfo.environment["FERRY_TEST_TIME_SCALE"].flatMap { UInt64($0) }.map { max(1, $0) } ?? 1
+
+/// A test's wait, scaled for sanitizers.
+func scaled(_ seconds: Double) -> Double { seconds * Double(testTimeScale) }
 
 extension VMHost {
     /// A VM host for a test: the test guest's machine, heartbeats scaled for sanitizers.
     static func forTest(memory: Int, incoming: Bool) throws -> VMHost {
         let h = VMHost(machine: try Machine(memorySize: memory), incoming: incoming)
-        if testTimeScale > 1 { h.setParameters { $0.heartbeatTimeout *= testTimeScale } }
+        if testTimeScale > 1 { h.setParameters { $0.heartbeatTimeout *= testTimeScale; $0.downtimeLimit *= testTimeScale } }
         return h
     }
 }
 
 /// Polls `condition` every 5 ms until it holds or `seconds` pass; returns whether it held.
 func waitUntil(seconds: Double = 20, _ condition: () -> Bool) -> Bool {
-    let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
+    let deadline = Sys.monotonicNanos() + UInt64(scaled(seconds) * 1e9)
     while Sys.monotonicNanos() < deadline {
         if condition() { return true }
         usleep(5_000)

@@ -16,7 +16,7 @@ struct HostileStreamTests {
         #expect(fd >= 0)
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         shutdown(fd, Int32(SHUT_WR))
-        let status = dst.waitForMigration(seconds: 10)
+        let status = dst.waitForMigration(seconds: scaled(10))
         close(fd)
         #expect(status == .failed)
         return (dst, dst.queryMigrate())
@@ -81,9 +81,9 @@ struct HostileStreamTests {
         let dst = try VMHost.forTest(memory: 8 << 20, incoming: true)
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         try src.migrate(uri: dst.queryMigrate().socketAddress!.description)
-        #expect(dst.waitForMigration(seconds: 20) == .failed)
+        #expect(dst.waitForMigration(seconds: scaled(20)) == .failed)
         #expect(dst.queryMigrate().errorDescription?.contains("bytes") == true)
-        #expect(src.waitForMigration(seconds: 20) == .failed)
+        #expect(src.waitForMigration(seconds: scaled(20)) == .failed)
         #expect(src.runState == .running)
         #expect(waitForPasses(src.machine, 2))
         src.machine.pause()
@@ -124,7 +124,7 @@ struct HostileStreamTests {
         }
         try? ch.write(w)
         try? ch.flush()
-        #expect(src.waitForMigration(seconds: 15) == .failed)
+        #expect(src.waitForMigration(seconds: scaled(15)) == .failed)
         let why = src.queryMigrate().errorDescription ?? ""
         switch kind {
         case .pageOutsideRAM, .hugeLength: #expect(why.contains("outside") || why.contains("limit"), "\(why)")

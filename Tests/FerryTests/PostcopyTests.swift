@@ -21,8 +21,8 @@ struct PostcopyTests {
         #expect(waitUntil { pair.source.queryMigrate().status == .active })
         try pair.source.startPostcopy()
         #expect(waitUntil { pair.destination.queryMigrate().status == .postcopyActive || pair.destination.queryMigrate().status == .completed })
-        #expect(pair.source.waitForMigration(seconds: 120) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
-        #expect(pair.destination.waitForMigration(seconds: 20) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
+        #expect(pair.source.waitForMigration(seconds: scaled(120)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.destination.waitForMigration(seconds: scaled(20)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
         let statuses = events.values.compactMap { if case .status(let s) = $0 { s } else { nil } }
         #expect(statuses == [.setup, .active, .device, .postcopyDevice, .postcopyActive, .completed])
         #expect(pair.source.queryMigrate().postcopyRequests > 0, "the guest never faulted on a missing page")
@@ -38,8 +38,8 @@ struct PostcopyTests {
         try pair.source.migrate(uri: target)
         #expect(waitUntil(seconds: 30) { pair.source.queryMigrate().dirtySyncCount >= 2 })
         try pair.source.startPostcopy()
-        #expect(pair.source.waitForMigration(seconds: 120) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
-        #expect(pair.destination.waitForMigration(seconds: 20) == .completed)
+        #expect(pair.source.waitForMigration(seconds: scaled(120)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.destination.waitForMigration(seconds: scaled(20)) == .completed)
         pair.expectDestinationRunsCorrectly()
     }
 
@@ -60,7 +60,7 @@ struct PostcopyTests {
         #expect(waitUntil { pair.source.queryMigrate().status == .postcopyActive })
         #expect(throws: MigrationError.self) { try pair.source.cancel() }
         pair.source.setParameters { $0.maxPostcopyBandwidth = 0 }
-        #expect(pair.source.waitForMigration(seconds: 120) == .completed)
+        #expect(pair.source.waitForMigration(seconds: scaled(120)) == .completed)
         pair.expectDestinationRunsCorrectly()
     }
 
@@ -78,8 +78,8 @@ struct PostcopyTests {
         // The destination can enter postcopy-active (at RUN) a moment before the source
         // does (after flushing the package); either way the stream is not finished yet.
         #expect(waitUntil { pair.source.queryMigrate().status == .postcopyActive }, "the test wants pages still in flight while stopped")
-        #expect(pair.source.waitForMigration(seconds: 120) == .completed)
-        #expect(pair.destination.waitForMigration(seconds: 20) == .completed)
+        #expect(pair.source.waitForMigration(seconds: scaled(120)) == .completed)
+        #expect(pair.destination.waitForMigration(seconds: scaled(20)) == .completed)
         #expect(pair.destination.runState == .paused, "completing postcopy must not restart a stopped guest")
         try pair.destination.cont()
         pair.expectDestinationRunsCorrectly()
@@ -93,8 +93,8 @@ struct PostcopyTests {
         // 20 MB/s against a guest that dirties all 64 MiB in well under a second: never converges.
         pair.source.setParameters { $0.maxBandwidth = 20_000_000; $0.maxPostcopyBandwidth = 20_000_000; $0.postcopyAutoSwitchPasses = 1 }
         try pair.source.migrate(uri: target)
-        #expect(pair.source.waitForMigration(seconds: 120) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
-        #expect(pair.destination.waitForMigration(seconds: 20) == .completed)
+        #expect(pair.source.waitForMigration(seconds: scaled(120)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.destination.waitForMigration(seconds: scaled(20)) == .completed)
         let s = pair.source.queryMigrate()
         #expect(s.autoSwitched)
         #expect(s.dirtySyncCount >= 1 && s.dirtySyncCount <= 3, "switched after \(s.dirtySyncCount) passes")

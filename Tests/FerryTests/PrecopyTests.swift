@@ -45,8 +45,8 @@ struct PrecopyTests {
         let events = Recorder<MigrationEvent>()
         pair.source.subscribe { events.append($0) }
         try pair.source.migrate(uri: target)
-        #expect(pair.source.waitForMigration(seconds: 60) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
-        #expect(pair.destination.waitForMigration(seconds: 10) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
+        #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
         let stats = pair.source.queryMigrate()
         #expect(stats.downtimeMs != nil)
         #expect(stats.transferred > 0)
@@ -65,8 +65,8 @@ struct PrecopyTests {
         // About the transports, not convergence: a loaded machine must not make it flaky.
         pair.source.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 5000 }
         try pair.source.migrate(uri: "exec:socat -u STDIN UNIX-CONNECT:/tmp/ferry-test-exec.sock")
-        #expect(pair.source.waitForMigration(seconds: 60) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
-        #expect(pair.destination.waitForMigration(seconds: 10) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
+        #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
         pair.expectDestinationRunsCorrectly()
 
         // file: save, then load into a fresh VM through exec:cat.
@@ -75,9 +75,9 @@ struct PrecopyTests {
         let saver = try Pair()
         saver.source.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 5000 }
         try saver.source.migrate(uri: "file:\(path)")
-        #expect(saver.source.waitForMigration(seconds: 60) == .completed, "\(saver.source.queryMigrate().errorDescription ?? "")")
+        #expect(saver.source.waitForMigration(seconds: scaled(60)) == .completed, "\(saver.source.queryMigrate().errorDescription ?? "")")
         try saver.destination.migrateIncoming(uri: "exec:cat \(path)")
-        #expect(saver.destination.waitForMigration(seconds: 30) == .completed, "\(saver.destination.queryMigrate().errorDescription ?? "")")
+        #expect(saver.destination.waitForMigration(seconds: scaled(30)) == .completed, "\(saver.destination.queryMigrate().errorDescription ?? "")")
         saver.expectDestinationRunsCorrectly()
     }
 
@@ -93,12 +93,12 @@ struct PrecopyTests {
         #expect(s.remaining > 0)
         #expect(s.dirtyPagesRate > 0)
         try pair.source.cancel()
-        #expect(pair.source.waitForMigration(seconds: 10) == .cancelled)
+        #expect(pair.source.waitForMigration(seconds: scaled(10)) == .cancelled)
         #expect(pair.source.runState == .running)
         #expect(waitForPasses(pair.source.machine, 2), "the source guest must keep running")
         pair.source.machine.pause()
         #expect(checkMemory(pair.source.machine).passed)
-        #expect(pair.destination.waitForMigration(seconds: 10) == .failed)
+        #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .failed)
         #expect(pair.destination.runState == .inmigrate)
     }
 
@@ -106,7 +106,7 @@ struct PrecopyTests {
     func connectFailure() throws {
         let pair = try Pair(memory: 16 << 20)
         try pair.source.migrate(uri: "tcp:127.0.0.1:1")
-        #expect(pair.source.waitForMigration(seconds: 10) == .failed)
+        #expect(pair.source.waitForMigration(seconds: scaled(10)) == .failed)
         #expect(pair.source.queryMigrate().errorDescription?.contains("connect") == true)
         #expect(pair.source.runState == .running)
         #expect(waitForPasses(pair.source.machine, 1))

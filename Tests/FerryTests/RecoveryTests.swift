@@ -67,8 +67,8 @@ struct ProxiedPair {
     }
 
     func expectCompleted() {
-        #expect(source.waitForMigration(seconds: 120) == .completed, "source: \(source.queryMigrate().status) \(source.queryMigrate().errorDescription ?? "")")
-        #expect(destination.waitForMigration(seconds: 30) == .completed, "destination: \(destination.queryMigrate().status) \(destination.queryMigrate().errorDescription ?? "")")
+        #expect(source.waitForMigration(seconds: scaled(120)) == .completed, "source: \(source.queryMigrate().status) \(source.queryMigrate().errorDescription ?? "")")
+        #expect(destination.waitForMigration(seconds: scaled(30)) == .completed, "destination: \(destination.queryMigrate().status) \(destination.queryMigrate().errorDescription ?? "")")
         pair.expectDestinationRunsCorrectly()
     }
 }
@@ -202,7 +202,7 @@ struct RecoveryTests {
         try p.source.migrate(uri: p.proxy.uri)
         #expect(waitUntil { p.source.queryMigrate().status == .active && p.source.queryMigrate().transferred > 2 << 20 })
         if failure == .reset { p.proxy.reset() } else { p.proxy.set(.blackhole) }
-        #expect(p.source.waitForMigration(seconds: 10) == .failed)
+        #expect(p.source.waitForMigration(seconds: scaled(10)) == .failed)
         #expect(p.source.runState == .running)
         #expect(waitForPasses(p.source.machine, 1))
         p.source.machine.pause()
@@ -253,8 +253,8 @@ struct RecoveryTests {
         let p = try ProxiedPair()
         p.proxy.on(.toDestination, pattern: [8, 0, 7, 0, 4], .reset) // the PACKAGED command
         try p.startPostcopy()
-        #expect(p.destination.waitForMigration(seconds: 10) == .failed)
-        #expect(p.source.waitForMigration(seconds: 20) == .failed, "source: \(p.source.queryMigrate().status)")
+        #expect(p.destination.waitForMigration(seconds: scaled(10)) == .failed)
+        #expect(p.source.waitForMigration(seconds: scaled(20)) == .failed, "source: \(p.source.queryMigrate().status)")
         #expect(p.source.queryMigrate().postcopyPauses == 1, "the source paused first: it could not know")
         #expect(p.source.runState == .running)
         #expect(waitForPasses(p.source.machine, 2), "the source guest runs again")

@@ -53,8 +53,8 @@ struct SurvivalTests {
             try pair.source.migrate(uri: target)
             #expect(waitUntil { pair.source.queryMigrate().status == .active })
             try pair.source.startPostcopy()
-            #expect(pair.source.waitForMigration(seconds: 120) == .completed)
-            #expect(pair.destination.waitForMigration(seconds: 20) == .completed)
+            #expect(pair.source.waitForMigration(seconds: scaled(120)) == .completed)
+            #expect(pair.destination.waitForMigration(seconds: scaled(20)) == .completed)
             done.append(true)
             #expect(waitUntil { polls.values.count == 3 })
             #expect(polls.values.allSatisfy { $0 > 100 })
@@ -87,7 +87,7 @@ struct SurvivalTests {
         #expect(waitUntil { p.destination.runState == .paused }, "the pending stop never completed")
         #expect(stops.values.count == 1)
         p.source.setParameters { $0.maxPostcopyBandwidth = 30_000_000 } // the in-process proxy relays it
-        let s = p.source.waitForMigration(seconds: 60), d = p.destination.waitForMigration(seconds: 20)
+        let s = p.source.waitForMigration(seconds: scaled(60)), d = p.destination.waitForMigration(seconds: scaled(20))
         // (A memory check reads every page: only safe once all are here.)
         try #require(s == .completed && d == .completed, "\(s) / \(d): \(p.source.queryMigrate().errorDescription ?? "") / \(p.destination.queryMigrate().errorDescription ?? "")")
         // Paused means paused: no output, and the memory is a consistent snapshot.
@@ -119,12 +119,12 @@ struct SurvivalTests {
             #expect(!host.queryMigrate().status.isFinished, "\(uri): \(host.queryMigrate().status)")
             let start = Sys.monotonicNanos()
             try host.cancel()
-            #expect(host.waitForMigration(seconds: 5) == .cancelled, "\(uri)")
+            #expect(host.waitForMigration(seconds: scaled(5)) == .cancelled, "\(uri)")
             #expect(Double(Sys.monotonicNanos() - start) / 1e9 < 3, "\(uri): cancel took too long")
             #expect(host.runState == .running)
             // A new migration is accepted again.
             try host.migrate(uri: "exec:cat > /dev/null")
-            #expect(host.waitForMigration(seconds: 60) == .completed)
+            #expect(host.waitForMigration(seconds: scaled(60)) == .completed)
             try host.cont(force: true)
             host.stop()
         }
@@ -147,7 +147,7 @@ struct SurvivalTests {
         while !pair.source.queryMigrate().status.isFinished && pair.source.queryMigrate().status != .postcopyActive {
             do { try pair.source.cancel(); accepted += 1 } catch { refused += 1 }
         }
-        let end = pair.source.waitForMigration(seconds: 120)
+        let end = pair.source.waitForMigration(seconds: scaled(120))
         #expect(end == .completed || end == .cancelled, "\(end)")
         #expect(pair.source.queryMigrate().status != .cancelling)
         if end == .cancelled { #expect(pair.source.runState == .running) } else { pair.expectDestinationRunsCorrectly() }
@@ -170,7 +170,7 @@ struct SurvivalTests {
         try pair.source.migrate(uri: target)
         #expect(waitUntil { pair.source.queryMigrate().status == .active })
         try pair.source.startPostcopy()
-        let end = pair.source.waitForMigration(seconds: 120)
+        let end = pair.source.waitForMigration(seconds: scaled(120))
         #expect(answers.values.count == 1, "the hook ran \(answers.values.count) times")
         if point == .postcopyStopped {
             #expect(answers.values.first == "accepted")
@@ -183,7 +183,7 @@ struct SurvivalTests {
         #expect(answers.values.first?.hasPrefix("refused: Postcopy migration in progress") == true, "\(answers.values)")
         #expect(end == .completed)
         #expect(!statuses.values.contains(.cancelling), "\(statuses.values)")
-        #expect(pair.destination.waitForMigration(seconds: 30) == .completed)
+        #expect(pair.destination.waitForMigration(seconds: scaled(30)) == .completed)
         pair.expectDestinationRunsCorrectly()
         pair.destination.machine.resume()
         // Nothing stayed frozen: the guest moves on again, from its new host to a third one.
@@ -192,8 +192,8 @@ struct SurvivalTests {
         pair.destination.setParameters { $0.maxBandwidth = 0 }
         try pair.destination.setCapabilities([(.postcopyRAM, false)])
         try pair.destination.migrate(uri: third.queryMigrate().socketAddress!.description)
-        #expect(pair.destination.waitForMigration(seconds: 60) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
-        #expect(third.waitForMigration(seconds: 20) == .completed)
+        #expect(pair.destination.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
+        #expect(third.waitForMigration(seconds: scaled(20)) == .completed)
     }
 
     @Test("a stray connection (connect+close, garbage) does not ruin a waiting destination; the real source then migrates")
@@ -211,7 +211,7 @@ struct SurvivalTests {
         #expect(pair.destination.queryMigrate().status == .setup)
         #expect(pair.destination.queryMigrate().errorDescription?.contains("ignored a connection") == true)
         try pair.source.migrate(uri: target)
-        #expect(pair.source.waitForMigration(seconds: 60) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
         pair.expectDestinationRunsCorrectly()
     }
 
@@ -220,7 +220,7 @@ struct SurvivalTests {
         let pair = try Pair(memory: 32 << 20)
         let target = try pair.listen()
         try pair.source.migrate(uri: target)
-        #expect(pair.source.waitForMigration(seconds: 60) == .completed)
+        #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed)
         #expect(throws: MigrationError.self) { try pair.source.cont() }
         #expect(pair.source.runState == .postmigrate)
         try pair.source.cont(force: true)
@@ -240,14 +240,14 @@ struct SurvivalTests {
         #expect(throws: MigrationError.self) { try pair.destination.setCapabilities([(.postcopyRAM, false)]) }
         try pair.source.startPostcopy()
         pair.source.setParameters { $0.maxPostcopyBandwidth = 0 }
-        #expect(pair.source.waitForMigration(seconds: 60) == .completed)
+        #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed)
         pair.expectDestinationRunsCorrectly()
 
         let mismatch = try Pair(memory: 32 << 20)
         let t2 = try mismatch.listen()
         try mismatch.source.setCapabilities([(.postcopyRAM, true)])
         try mismatch.source.migrate(uri: t2)
-        #expect(mismatch.source.waitForMigration(seconds: 20) == .failed)
+        #expect(mismatch.source.waitForMigration(seconds: scaled(20)) == .failed)
         let why = mismatch.source.queryMigrate().errorDescription ?? ""
         #expect(why.contains("postcopy-ram is off on the destination"), "\(why)")
         #expect(mismatch.source.runState == .running)
@@ -265,7 +265,7 @@ struct SurvivalTests {
         let rate = Double(pair.source.queryMigrate().transferred - b0) / (Double(Sys.monotonicNanos() - t0) / 1e9)
         #expect(rate < 130_000 && rate > 50_000, "\(Int(rate)) B/s at a 100000 B/s limit")
         try pair.source.cancel()
-        #expect(pair.source.waitForMigration(seconds: 10) == .cancelled)
+        #expect(pair.source.waitForMigration(seconds: scaled(10)) == .cancelled)
     }
 
     @Test("a file: migration that runs out of disk fails and leaves no partial file")
@@ -280,7 +280,7 @@ struct SurvivalTests {
         #expect(waitForPasses(host.machine, 1))
         host.setParameters { $0.maxBandwidth = 0 }
         try host.migrate(uri: "file:\(dir)/vm.stream")
-        #expect(host.waitForMigration(seconds: 30) == .failed)
+        #expect(host.waitForMigration(seconds: scaled(30)) == .failed)
         #expect(host.queryMigrate().errorDescription?.contains("No space") == true, "\(host.queryMigrate().errorDescription ?? "")")
         #expect(access("\(dir)/vm.stream", F_OK) != 0, "the partial stream was left behind")
         #expect(host.runState == .running)
@@ -294,7 +294,7 @@ struct SurvivalTests {
         pair.source.stop()
         let target = try pair.listen()
         try pair.source.migrate(uri: target)
-        #expect(pair.source.waitForMigration(seconds: 60) == .completed)
+        #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed)
         #expect(events.values == [.stop])
 
         let failing = try Pair(memory: 32 << 20)
@@ -303,7 +303,7 @@ struct SurvivalTests {
         let proxy = try FaultProxy(upstream: { if case let .tcp(_, p) = try MigrationURI(t2) { return p }; return 0 }())
         proxy.on(.toDestination, pattern: Array("ferry-cpu".utf8), .reset) // at the switch-over
         try failing.source.migrate(uri: proxy.uri)
-        #expect(failing.source.waitForMigration(seconds: 30) == .failed)
+        #expect(failing.source.waitForMigration(seconds: scaled(30)) == .failed)
         #expect(failing.source.runState == .paused, "a VM stopped before the migration must stay stopped")
     }
 }

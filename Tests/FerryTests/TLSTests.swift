@@ -53,8 +53,8 @@ struct TLSTests {
         // The pattern-watching proxy is slower than the guest dirties memory: allow the downtime.
         pair.source.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 5000 }
         try pair.source.migrate(uri: proxy.uri)
-        #expect(pair.source.waitForMigration(seconds: 60) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
-        #expect(pair.destination.waitForMigration(seconds: 10) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
+        #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
+        #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
         #expect(proxy.fired.isEmpty, "the stream's header crossed the wire in the clear")
         #expect(pair.source.queryMigrate().tls?.hasPrefix("TLSv1.3") == true, "\(pair.source.queryMigrate().tls ?? "no TLS")")
         #expect(pair.destination.queryMigrate().tls?.hasPrefix("TLSv1.3") == true)
@@ -85,10 +85,10 @@ struct TLSTests {
         pair.destination.setParameters { $0.tlsCreds = "tls0" }
         let target = try pair.listen()
         try pair.source.migrate(uri: target)
-        #expect(pair.destination.waitForMigration(seconds: 10) == .failed)
+        #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .failed)
         let why = pair.destination.queryMigrate().errorDescription ?? ""
         #expect(why.contains("TLS is required") && why.contains("plain migration stream"), "\(why)")
-        #expect(pair.source.waitForMigration(seconds: 10) == .failed)
+        #expect(pair.source.waitForMigration(seconds: scaled(10)) == .failed)
         #expect(pair.source.runState == .running)
         #expect(waitForPasses(pair.source.machine, 1))
         #expect(pair.destination.runState == .inmigrate)
@@ -120,14 +120,14 @@ struct TLSTests {
         if m != .plainDestination { pair.destination.setParameters { $0.tlsCreds = "tls0" } }
         let target = try pair.listen()
         try pair.source.migrate(uri: target)
-        #expect(pair.source.waitForMigration(seconds: 15) == .failed)
+        #expect(pair.source.waitForMigration(seconds: scaled(15)) == .failed)
         let why = pair.source.queryMigrate().errorDescription ?? ""
         switch m {
         case .wrongHostname: #expect(why.contains("certificate") && why.contains("rejected"), "\(why)")
         default: #expect(why.contains("TLS"), "\(why)")
         }
         if m != .plainDestination {
-            #expect(pair.destination.waitForMigration(seconds: 15) == .failed)
+            #expect(pair.destination.waitForMigration(seconds: scaled(15)) == .failed)
             #expect(pair.destination.runState == .inmigrate, "the destination must not start a guest")
         }
         #expect(pair.source.runState == .running)

@@ -1,12 +1,39 @@
 import CFerry
 import FerryMachine
 import FerryMemory
+@testable import FerryMigration
 import FerrySys
 import Glibc
 import Testing
 
 @Suite("userfaultfd", .serialized)
 struct UserfaultfdTests {
+    @Test("the destination stops catching faults once, however many threads ask at once (SIGTERM racing the end of postcopy): one wake, one join, one unregister; every caller returns after it, and a thread waiting on a missing page is released")
+    func faultServiceStopsOnce() throws {
+        let block = try RAMBlock(name: "pc.ram", guestAddress: 0, length: 16 * 4096)
+        let service = try FaultService(block: block)
+        let wakeups = Recorder<Int>()
+        try service.start {
+            var n = 0
+            while service.waitForFaults() { n += 1; _ = try? service.uffd.readEvent() }
+            wakeups.append(n)
+        }
+        let seen = Recorder<UInt8>()
+        let waiter = try KernelThread(name: "waiter") { seen.append(block.host.load(fromByteOffset: 2 * 4096, as: UInt8.self)) }
+        #expect(waitUntil(seconds: 5) { (wakeups.values.isEmpty) }, "the fault loop ended early")
+        usleep(100_000)
+        #expect(seen.values.isEmpty, "the page was not missing")
+        let returned = Recorder<Int>()
+        let stoppers = try (0..<4).map { i in try KernelThread(name: "stop\(i)") { service.stop(); returned.append(i) } }
+        for t in stoppers { t.join() }
+        #expect(returned.values.count == 4)
+        #expect(wakeups.values.count == 1, "the fault loop ran on or ended twice")
+        waiter.join()
+        #expect(seen.values == [0], "the waiting thread was not released by the unregister")
+        service.stop() // once more: nothing left to do
+        #expect(wakeups.values.count == 1)
+    }
+
     @Test("a thread touching a missing page blocks until UFFDIO_COPY installs it; EEXIST is success")
     func demandPage() throws {
         let block = try RAMBlock(name: "pc.ram", guestAddress: 0, length: 16 * 4096)

@@ -84,13 +84,15 @@ extension IncomingMigration {
 
     /// Shuts and closes the main and urgent channels and joins the urgent reader.
     func closeChannels() {
-        returnPath.attach(nil)
         let (ch, pc, t): (MigrationChannel?, MigrationChannel?, KernelThread?) = lock.withLock {
             defer { channel = nil; urgentChannel = nil; urgentThread = nil }
             return (channel, urgentChannel, urgentThread)
         }
+        // Shut down first: a return-path writer blocked on a peer that does not read holds
+        // the writer's lock until its send fails, and detaching waits for that lock.
         ch?.shutdown()
         pc?.shutdown()
+        returnPath.attach(nil)
         t?.join()
         ch?.close()
         pc?.close()

@@ -147,6 +147,7 @@ final class IncomingMigration: @unchecked Sendable {
                 host.emit(.resume)
                 returnPath.send { $0.rpShut(0) }
                 try advance(.finished) { $0.endNanos = Sys.monotonicNanos() }
+                returnPath.attach(nil) // no writer may touch the fd once it is closed
                 ch.close()
                 listener.close()
             case .postcopy(let decoder):
@@ -158,7 +159,10 @@ final class IncomingMigration: @unchecked Sendable {
             // recover learns that and runs its guest again instead of waiting forever.
             let refuse = postcopyAdvised && capabilities.contains(.postcopyRAM)
             fail(error)
-            lock.withLock { channel }?.close()
+            let ch = lock.withLock { channel }
+            ch?.shutdown()
+            returnPath.attach(nil) // no writer may touch the fd once it is closed
+            ch?.close()
             stopCatchingFaults()
             if refuse { refuseRecovery() } else {
                 listener.close()
