@@ -215,6 +215,14 @@ final class OutgoingMigration: @unchecked Sendable {
     /// guest runs here again, unless the operator had paused it.
     private func failed(_ error: any Error) {
         let neverRan = error is DestinationNeverRan
+        // A destination that failed closes its end right after saying why: our write may
+        // fail first. Let the return-path reader deliver the reason before the channel goes.
+        if rpThread != nil {
+            let deadline = Sys.monotonicNanos() + 200_000_000 // it comes within ms; a dead link waits no longer
+            lock.withLock {
+                _ = lock.wait(until: deadline) { phase == .cancelling || inbox.shut != nil || inbox.failure != nil ? true : nil }
+            }
+        }
         try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // cleanup: the migration failed already
         let ch = lock.withLock { channel }
         ch?.abort()
