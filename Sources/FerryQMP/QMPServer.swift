@@ -27,8 +27,8 @@ public final class QMPServer: @unchecked Sendable {
     static let maxOutbox = 1 << 20
 
     /// One connected client. Ownership: `fd` is immutable; `negotiated` is written by the
-    /// client's reader thread and read by whoever emits an event: an atomic; `outbox` and
-    /// `dead` are guarded by `outLock`.
+    /// client's reader thread and read by whoever emits an event: an atomic; `outbox`,
+    /// `inFlight` and `dead` are guarded by `outLock`.
     final class Client: @unchecked Sendable {
         let fd: Int32
         private let negotiatedFlag = Atomic<Bool>(false)
@@ -39,7 +39,15 @@ public final class QMPServer: @unchecked Sendable {
         private let outLock = Monitor()
         private var outbox: [UInt8] = []
         private var dead = false
+        /// The writer took a chunk and is sending it.
+        private var inFlight = false
         init(fd: Int32) { self.fd = fd }
+
+        /// Waits until everything queued so far went out (or the client is gone), at most
+        /// until `deadline`: the reply to `quit` must reach the client before we exit.
+        func waitSent(until deadline: UInt64) {
+            outLock.withLock { _ = outLock.wait(until: deadline) { (outbox.isEmpty && !inFlight) || dead ? true : nil } }
+        }
 
         /// Queues a message; never blocks on the socket.
         func send(_ object: [String: Any]) {
@@ -62,13 +70,14 @@ public final class QMPServer: @unchecked Sendable {
                 let chunk: [UInt8]? = outLock.withLock {
                     while outbox.isEmpty && !dead { outLock.wait() }
                     if dead && outbox.isEmpty { return nil }
-                    defer { outbox.removeAll(keepingCapacity: true) }
+                    defer { outbox.removeAll(keepingCapacity: true); inFlight = true }
                     return outbox
                 }
                 guard let chunk else { return }
-                let ok = chunk.withUnsafeBytes { (try? Sys.sendAll(fd, $0)) != nil }
+                let ok = chunk.withUnsafeBytes { (try? Sys.sendAll(fd, $0)) != nil } // a failed send ends the client below
+                outLock.withLock { inFlight = false; outLock.broadcast() }
                 if !ok {
-                    outLock.withLock { dead = true; outbox.removeAll() }
+                    outLock.withLock { dead = true; outbox.removeAll(); outLock.broadcast() }
                     _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
                     return
                 }
@@ -160,6 +169,9 @@ public final class QMPServer: @unchecked Sendable {
         acceptThread?.join()
         Sys.close(listenFd)
         unlink(path)
+        // Replies already queued (the one to `quit` among them) go out before we exit.
+        let deadline = Sys.monotonicNanos() + 1_000_000_000
+        for c in lock.withLock({ Array(clients.values) }) { c.waitSent(until: deadline) }
     }
 
     // MARK: events
