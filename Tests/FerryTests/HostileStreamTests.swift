@@ -103,14 +103,8 @@ struct HostileStreamTests {
         let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 0))
         defer { listener.close() }
         src.setParameters { $0.maxBandwidth = 4_000_000 } // still in precopy when the requests come
-        try src.migrate(uri: listener.boundURI.description)
-        let ch = try listener.accept()
-        defer { ch.close() }
-        let sink = try KernelThread(name: "test/sink") {
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
-            defer { buf.deallocate() }
-            while (try? ch.readExactly(buf)) != nil {}
-        }
+        // Built before the migration starts: 100,000 requests take seconds under a sanitizer,
+        // and the source hears nothing from its peer meanwhile.
         var w = WireBuffer()
         switch kind {
         case .pageOutsideRAM: w.rpRequestPages(block: "pc.ram", offset: 1 << 40, length: 4096)
@@ -121,6 +115,14 @@ struct HostileStreamTests {
             w.rpRequestPages(block: "pc.ram", offset: 0, length: 4096)
             for i in 0..<100_000 { w.rpRequestPages(block: nil, offset: UInt64(i % 8000) * 4096, length: 4096) }
         case .garbage: w.append([0xff, 0xff, 0xff, 0xff] + [UInt8](repeating: 0x41, count: 64))
+        }
+        try src.migrate(uri: listener.boundURI.description)
+        let ch = try listener.accept()
+        defer { ch.close() }
+        let sink = try KernelThread(name: "test/sink") {
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+            defer { buf.deallocate() }
+            while (try? ch.readExactly(buf)) != nil {}
         }
         try? ch.write(w)
         try? ch.flush()
