@@ -19,7 +19,7 @@ import Glibc
 /// Ownership of the mutable fields:
 /// - guarded by `lock`: `phase`, `_stats`, `_capabilities`, `channel`, `urgentChannel`,
 ///   `urgentThread`, `faultService`, `recoveryListener`, `recoverTriggered`, `pauseRequested`;
-/// - `mig/dst/main` only: `postcopyAdvised`, `guestRan`;
+/// - `mig/dst/main` only: `postcopyAdvised`;
 /// - `returnPath` serialises its writers itself; `received` / `requested` are atomic bitmaps;
 ///   the rest is immutable.
 final class IncomingMigration: @unchecked Sendable {
