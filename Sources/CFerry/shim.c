@@ -47,6 +47,18 @@ const unsigned long ferry_KVM_CLEAR_DIRTY_LOG = KVM_CLEAR_DIRTY_LOG;
 const unsigned long ferry_KVM_CLEAR_DIRTY_LOG = 0;
 #endif
 const unsigned long ferry_KVM_ENABLE_CAP = KVM_ENABLE_CAP;
+const unsigned long ferry_KVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+const unsigned long ferry_KVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+const unsigned long ferry_KVM_IRQ_LINE = KVM_IRQ_LINE;
+const unsigned long ferry_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+const unsigned long ferry_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+const unsigned long ferry_KVM_GET_PIT2 = KVM_GET_PIT2;
+const unsigned long ferry_KVM_SET_PIT2 = KVM_SET_PIT2;
+const unsigned long ferry_KVM_GET_LAPIC = KVM_GET_LAPIC;
+const unsigned long ferry_KVM_SET_LAPIC = KVM_SET_LAPIC;
+const unsigned long ferry_KVM_GET_CLOCK = KVM_GET_CLOCK;
+const unsigned long ferry_KVM_SET_CLOCK = KVM_SET_CLOCK;
+const unsigned long ferry_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
 const unsigned long ferry_UFFDIO_API = UFFDIO_API;
 const unsigned long ferry_UFFDIO_REGISTER = UFFDIO_REGISTER;
 const unsigned long ferry_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
@@ -119,14 +131,24 @@ int ferry_kvm_set_msrs(int vcpu_fd, const uint32_t *indices, const uint64_t *val
     return r;
 }
 
-int ferry_kvm_setup_cpuid(int kvm_fd, int vcpu_fd) {
-    int n = 256;
+int ferry_kvm_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *entries, int max) {
+    struct kvm_cpuid2 *c = calloc(1, sizeof(struct kvm_cpuid2) + sizeof(struct kvm_cpuid_entry2) * (size_t)max);
+    if (!c) return -ENOMEM;
+    c->nent = (uint32_t)max;
+    int r = ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, c);
+    if (r < 0) { r = -errno; free(c); return r; }
+    memcpy(entries, c->entries, sizeof(struct kvm_cpuid_entry2) * c->nent);
+    r = (int)c->nent;
+    free(c);
+    return r;
+}
+
+int ferry_kvm_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int n) {
     struct kvm_cpuid2 *c = calloc(1, sizeof(struct kvm_cpuid2) + sizeof(struct kvm_cpuid_entry2) * (size_t)n);
     if (!c) return -ENOMEM;
     c->nent = (uint32_t)n;
-    int r = ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, c);
-    if (r < 0) { r = -errno; free(c); return r; }
-    r = ioctl(vcpu_fd, KVM_SET_CPUID2, c);
+    memcpy(c->entries, entries, sizeof(struct kvm_cpuid_entry2) * (size_t)n);
+    int r = ioctl(vcpu_fd, KVM_SET_CPUID2, c);
     if (r < 0) r = -errno;
     free(c);
     return r;

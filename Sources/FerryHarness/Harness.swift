@@ -45,7 +45,7 @@ public final class FerryProcess: @unchecked Sendable {
         var img = image ?? ""
         if image == nil {
             img = "\(directory)/\(name)-guest.img"
-            FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(forMemory: memory)))
+            FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(memory: memory)))
         }
         try self.init(directory: directory, name: name, program: "/usr/bin/qemu-system-x86_64", namespace: namespace) { qmp, serial in
             ["-machine", "pc,accel=kvm", "-m", "\(memory >> 20)M", "-drive", "file=\(img),format=raw,if=ide",
@@ -98,7 +98,7 @@ public final class FerryProcess: @unchecked Sendable {
     }
 
     /// Stops the guest, dumps its RAM with pmemsave and runs the memory check on it.
-    public func checkMemory(size: Int, scratch: String) throws -> MemoryChecker.Report {
+    public func checkMemory(size: Int, vcpus: Int = 1, scratch: String) throws -> TestGuestChecker.Report {
         try qmp.execute("stop")
         try qmp.execute("pmemsave", ["val": 0, "size": size, "filename": scratch])
         defer { unlink(scratch) }
@@ -108,7 +108,8 @@ public final class FerryProcess: @unchecked Sendable {
         let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
         guard p != MAP_FAILED, let p else { throw SysError(errno: errno, call: "mmap(\(scratch))") }
         defer { munmap(p, size) }
-        return MemoryChecker(top: UInt64(TestGuest.top(forMemory: size))).check(base: p, size: size)
+        // pmemsave dumps guest-physical memory: the same as pc.ram's offsets below 3.5 GiB.
+        return TestGuestChecker(layout: TestGuestLayout(memory: size, vcpus: vcpus)).check(base: p, size: size)
     }
 }
 

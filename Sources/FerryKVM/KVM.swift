@@ -21,12 +21,14 @@ func kvmCall<T>(_ what: @autoclosure () -> String, _ body: () throws(SysError) -
 }
 
 /// The `/dev/kvm` system handle. Creates VMs; owns its fd.
-/// Ownership: `fd` and `vcpuMmapSize` are immutable; `savedMSRs` is set once in init.
+/// Ownership: `fd` and `vcpuMmapSize` are immutable; `savedMSRs` and `supported` are filled
+/// once while the first machine is built (one thread) and only read afterwards.
 public final class Kvm: @unchecked Sendable {
     public let fd: Int32
     public let vcpuMmapSize: Int
     /// MSRs KVM lists as saved, filtered to those this host can actually read.
     public private(set) var savedMSRs: [UInt32] = []
+    private var supported: [CPUIDEntry]?
 
     public init(path: String = "/dev/kvm") throws(KVMError) {
         let r = ferry_open_rw_cloexec(path)
@@ -53,6 +55,14 @@ public final class Kvm: @unchecked Sendable {
     public func createVM() throws(KVMError) -> VirtualMachine {
         let vmfd = try kvmCall("KVM_CREATE_VM") { () throws(SysError) in try Sys.ioctl(fd, ferry_KVM_CREATE_VM, "KVM_CREATE_VM", value: 0) }
         return VirtualMachine(kvm: self, fd: vmfd)
+    }
+
+    /// KVM_GET_SUPPORTED_CPUID, asked once. Called while a machine is built.
+    public func cpuid() throws(KVMError) -> [CPUIDEntry] {
+        if let supported { return supported }
+        let s = try supportedCPUID()
+        supported = s
+        return s
     }
 
     /// Builds the MSR list once, using `vcpu` to probe which entries can be read.
@@ -84,7 +94,10 @@ public final class VirtualMachine: @unchecked Sendable {
     public let kvm: Kvm
     public let fd: Int32
     public private(set) var manualDirtyProtect = false
-    private var slots: [UInt32: (RAMBlock, PageBitmap)] = [:]
+    private var slots: [UInt32: Slot] = [:]
+
+    /// A memory slot: the part of a block it maps and its scratch dirty bitmap.
+    private struct Slot { let block: RAMBlock; let mapping: GuestMapping; let scratch: PageBitmap }
 
     init(kvm: Kvm, fd: Int32) {
         self.kvm = kvm
@@ -102,40 +115,56 @@ public final class VirtualMachine: @unchecked Sendable {
 
     deinit { Sys.close(fd) }
 
-    /// Maps `block` into the guest as memory slot `slot`.
-    public func map(_ block: RAMBlock, slot: UInt32, logDirty: Bool = false) throws(KVMError) {
+    /// Maps `block` into the guest, one memory slot per guest mapping, from slot `firstSlot`.
+    public func map(_ block: RAMBlock, firstSlot: UInt32 = 0) throws(KVMError) {
+        for (k, m) in block.mappings.enumerated() {
+            let slot = firstSlot + UInt32(k)
+            try setRegion(slot: slot, m, host: block.host + m.offset, logDirty: false)
+            slots[slot] = Slot(block: block, mapping: m, scratch: PageBitmap(bitCount: m.length / targetPageSize))
+        }
+    }
+
+    private func setRegion(slot: UInt32, _ m: GuestMapping, host: UnsafeMutableRawPointer, logDirty: Bool) throws(KVMError) {
         var region = kvm_userspace_memory_region(
             slot: slot, flags: logDirty ? UInt32(KVM_MEM_LOG_DIRTY_PAGES) : 0,
-            guest_phys_addr: block.guestAddress, memory_size: UInt64(block.length),
-            userspace_addr: UInt64(UInt(bitPattern: block.host)))
+            guest_phys_addr: m.guestAddress, memory_size: UInt64(m.length),
+            userspace_addr: UInt64(UInt(bitPattern: host)))
         _ = try kvmCall("KVM_SET_USER_MEMORY_REGION slot \(slot)") { () throws(SysError) in
             try Sys.ioctl(fd, ferry_KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", &region)
         }
-        slots[slot] = (block, PageBitmap(bitCount: block.pageCount))
     }
 
-    /// Turns KVM dirty logging on or off for a mapped slot.
-    public func setDirtyLogging(slot: UInt32, _ on: Bool) throws(KVMError) {
-        guard let (block, _) = slots[slot] else { throw KVMError(.state, "slot \(slot) is not mapped") }
-        try map(block, slot: slot, logDirty: on)
+    private func slots(of block: RAMBlock) -> [(UInt32, Slot)] {
+        slots.filter { $0.value.block === block }.sorted { $0.key < $1.key }
     }
 
-    /// Moves the pages the guest dirtied since the last call into `into` (OR) and re-arms
-    /// tracking for them. Pages Ferry itself wrote (`RAMBlock.vmmDirty`) are moved too.
-    public func collectDirtyLog(slot: UInt32, into: PageBitmap) throws(KVMError) {
-        guard let (block, scratch) = slots[slot] else { throw KVMError(.state, "slot \(slot) is not mapped") }
+    /// Turns KVM dirty logging on or off for every slot of `block`.
+    public func setDirtyLogging(_ block: RAMBlock, _ on: Bool) throws(KVMError) {
+        let mine = slots(of: block)
+        guard !mine.isEmpty else { throw KVMError(.state, "RAM block \(block.name) is not mapped") }
+        for (slot, s) in mine { try setRegion(slot: slot, s.mapping, host: block.host + s.mapping.offset, logDirty: on) }
+    }
+
+    /// Moves the pages the guest dirtied in `block` since the last call into `into` (OR;
+    /// one bit per page of the block) and re-arms tracking for them. Pages Ferry itself
+    /// wrote (`RAMBlock.vmmDirty`) are moved too.
+    public func collectDirtyLog(_ block: RAMBlock, into: PageBitmap) throws(KVMError) {
         precondition(into.bitCount == block.pageCount)
-        let r = ferry_kvm_get_dirty_log(fd, slot, scratch.words)
-        guard r >= 0 else { throw KVMError(.ioctl, "KVM_GET_DIRTY_LOG slot \(slot)", cause: SysError(errno: -r, call: "KVM_GET_DIRTY_LOG")) }
-        if manualDirtyProtect && scratch.nextSet(from: 0) != nil {
-            let c = ferry_kvm_clear_dirty_log(fd, slot, 0, UInt32(block.pageCount), scratch.words)
-            guard c >= 0 else { throw KVMError(.ioctl, "KVM_CLEAR_DIRTY_LOG slot \(slot)", cause: SysError(errno: -c, call: "KVM_CLEAR_DIRTY_LOG")) }
+        for (slot, s) in slots(of: block) {
+            let pages = s.mapping.length / targetPageSize
+            let r = ferry_kvm_get_dirty_log(fd, slot, s.scratch.words)
+            guard r >= 0 else { throw KVMError(.ioctl, "KVM_GET_DIRTY_LOG slot \(slot)", cause: SysError(errno: -r, call: "KVM_GET_DIRTY_LOG")) }
+            if manualDirtyProtect && s.scratch.nextSet(from: 0) != nil {
+                let c = ferry_kvm_clear_dirty_log(fd, slot, 0, UInt32(pages), s.scratch.words)
+                guard c >= 0 else { throw KVMError(.ioctl, "KVM_CLEAR_DIRTY_LOG slot \(slot)", cause: SysError(errno: -c, call: "KVM_CLEAR_DIRTY_LOG")) }
+            }
+            s.scratch.drain(into: into, atBit: s.mapping.offset / targetPageSize)
         }
-        scratch.drain(into: into)
         block.vmmDirty.drain(into: into)
     }
 
-    public func createVCPU(id: Int32 = 0) throws(KVMError) -> VCPU {
+    /// Creates vCPU `id` (its APIC id too) of a machine with `count` vCPUs.
+    public func createVCPU(id: Int32 = 0, of count: Int = 1) throws(KVMError) -> VCPU {
         let vfd = try kvmCall("KVM_CREATE_VCPU") { () throws(SysError) in try Sys.ioctl(fd, ferry_KVM_CREATE_VCPU, "KVM_CREATE_VCPU", value: UInt(id)) }
         let run: UnsafeMutableRawPointer
         do { run = try Sys.mmapShared(fd: vfd, size: kvm.vcpuMmapSize) } catch {
@@ -143,8 +172,7 @@ public final class VirtualMachine: @unchecked Sendable {
             throw KVMError(.ioctl, "mmap of kvm_run for vCPU \(id)", cause: error)
         }
         let v = VCPU(vm: self, fd: vfd, run: run, id: id)
-        let r = ferry_kvm_setup_cpuid(kvm.fd, vfd)
-        if r < 0 { throw KVMError(.ioctl, "KVM_SET_CPUID2", cause: SysError(errno: -r, call: "KVM_SET_CPUID2")) }
+        try v.setCPUID(CPUIDModel.table(supported: try kvm.cpuid(), vcpu: Int(id), of: count))
         v.msrIndices = kvm.msrList(probe: v)
         return v
     }

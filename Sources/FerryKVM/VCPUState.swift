@@ -113,11 +113,10 @@ public struct VCPUState: Sendable, Equatable {
 
 extension VCPU {
     private func get<T>(_ request: UInt, _ name: String, _ value: T) throws(KVMError) -> [UInt8] {
-        var v = value
-        _ = try kvmCall(name) { () throws(SysError) in try Sys.ioctl(fd, request, name, &v) }
-        return VCPUState.bytes(of: v)
+        try readRaw(fd, request, name, value)
     }
 
+    /// Sets a record whose size the decoder checked (XSAVE's is the host's).
     private func set(_ request: UInt, _ name: String, _ bytes: [UInt8]) throws(KVMError) {
         var b = bytes
         let r = b.withUnsafeMutableBytes { ferry_ioctl_ptr(fd, request, $0.baseAddress) }
@@ -125,6 +124,9 @@ extension VCPU {
     }
 
     private var xsaveSize: Int { max(4096, Int(vm.kvm.checkExtension(ferry_KVM_CAP_XSAVE2))) }
+
+    /// IA32_TSC_DEADLINE: written after the local APIC, whose timer mode decides its meaning.
+    static let tscDeadlineMSR: UInt32 = 0x6e0
 
     /// Captures the state. The vCPU must not be running (its thread parked after an EINTR
     /// return, so any pending I/O has completed).
@@ -151,8 +153,23 @@ extension VCPU {
                          events: events, debugregs: debugregs, mpState: mp)
     }
 
-    /// Restores a state captured by `saveState()` on this or another VM.
-    public func restoreState(_ s: VCPUState) throws(KVMError) {
+    private func setMSRs(_ list: [VCPUState.MSR]) throws(KVMError) {
+        guard !list.isEmpty else { return }
+        let idx = list.map(\.index), vals = list.map(\.value)
+        var done = 0
+        // Skip an MSR this host refuses rather than lose the rest.
+        while done < idx.count {
+            let n = Int(ferry_kvm_set_msrs(fd, Array(idx[done...]), Array(vals[done...]), Int32(idx.count - done)))
+            if n < 0 { throw KVMError(.ioctl, "KVM_SET_MSRS", cause: SysError(errno: Int32(-n), call: "KVM_SET_MSRS")) }
+            done += n + 1
+        }
+    }
+
+    /// Restores a state captured by `saveState()` on this or another VM, with the local
+    /// APIC's (`lapicState()`) where the machine has in-kernel APICs. The order is KVM's
+    /// and QEMU's: the APIC base (sregs) before the APIC page, the APIC before the TSC
+    /// deadline, the MP state and the pending events last.
+    public func restoreState(_ s: VCPUState, lapic: [UInt8]? = nil) throws(KVMError) {
         try set(ferry_KVM_SET_SREGS, "KVM_SET_SREGS", s.sregs)
         try set(ferry_KVM_SET_REGS, "KVM_SET_REGS", s.regs)
         // XCR0 decides which XSAVE components are valid, so it goes first.
@@ -161,18 +178,17 @@ extension VCPU {
         var xs = s.xsave
         if xs.count < 4096 { xs += [UInt8](repeating: 0, count: 4096 - xs.count) }
         try set(ferry_KVM_SET_XSAVE, "KVM_SET_XSAVE", xs)
-        if !s.msrs.isEmpty {
-            let idx = s.msrs.map(\.index), vals = s.msrs.map(\.value)
-            var done = 0
-            // Skip an MSR this host refuses rather than lose the rest.
-            while done < idx.count {
-                let n = Int(ferry_kvm_set_msrs(fd, Array(idx[done...]), Array(vals[done...]), Int32(idx.count - done)))
-                if n < 0 { throw KVMError(.ioctl, "KVM_SET_MSRS", cause: SysError(errno: Int32(-n), call: "KVM_SET_MSRS")) }
-                done += n + 1
-            }
-        }
+        try setMSRs(s.msrs.filter { $0.index != Self.tscDeadlineMSR })
+        if let lapic { try restoreLAPIC(lapic) }
+        try setMSRs(s.msrs.filter { $0.index == Self.tscDeadlineMSR })
+        try set(ferry_KVM_SET_MP_STATE, "KVM_SET_MP_STATE", s.mpState)
         try set(ferry_KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", s.events)
         try set(ferry_KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", s.debugregs)
-        try set(ferry_KVM_SET_MP_STATE, "KVM_SET_MP_STATE", s.mpState)
+    }
+
+    /// KVM's MP state: 0 runnable, 1 waiting for INIT/SIPI, 2 INIT received, 3 halted, 4 SIPI received.
+    public func mpState() throws(KVMError) -> UInt32 {
+        let b = try get(ferry_KVM_GET_MP_STATE, "KVM_GET_MP_STATE", kvm_mp_state())
+        return b.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
     }
 }

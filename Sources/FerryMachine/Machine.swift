@@ -16,29 +16,31 @@ public struct MachineError: Error, CustomStringConvertible, Sendable {
     public var description: String { message + (cause.map { ": \($0)" } ?? "") }
 }
 
-/// What the vCPU is doing, as seen by the VMM.
+/// What the machine is doing, as seen by the VMM.
 public enum VCPURunState: String, Sendable {
-    case created, running, paused, halted, shutdown, internalError = "internal-error", stopped
+    case created, running, paused, shutdown, internalError = "internal-error", stopped
 }
 
-/// A running VM: KVM VM + guest RAM (`pc.ram` at 0, slot 0) + one vCPU on a dedicated
-/// thread + COM1. Pause/resume from any thread; pausing always completes a pending I/O
-/// exit first (KVM_RUN with immediate_exit), so saved state is consistent.
+/// A running VM: KVM VM with its in-kernel interrupt controllers and PIT, guest RAM
+/// (`pc.ram`, split around the hole below 4 GiB once large), `vcpuCount` vCPUs each on a
+/// dedicated thread, and COM1 on IRQ 4. Pause/resume from any thread; pausing always
+/// completes a pending I/O exit on every vCPU first (KVM_RUN with immediate_exit), so
+/// saved state is consistent. A halted vCPU sleeps in the kernel until an interrupt or a
+/// kick (KVM handles HLT with the in-kernel local APIC).
 ///
 /// Ownership: `core` is immutable; its mutable state is `MachineCore`'s.
 public final class Machine: @unchecked Sendable {
-    public static let ramSlot: UInt32 = 0
-    /// Largest guest RAM: up to the IOAPIC/LAPIC window at 0xfec00000 (4076 MiB).
-    public static let maxMemory = 0xfec0_0000
-    /// The signal that kicks the vCPU thread out of KVM_RUN.
+    /// Most vCPUs a Ferry machine has.
+    public static let maxVCPUs = 16
+    /// The signal that kicks a vCPU thread out of KVM_RUN.
     public static let kickSignal = SIGUSR1
 
-    /// The state the vCPU thread shares. The thread holds it strongly, so dropping the
-    /// `Machine` can stop and join the thread from `deinit`.
+    /// The state the vCPU threads share. The threads hold it strongly, so dropping the
+    /// `Machine` can stop and join them from `deinit`.
     let core: MachineCore
 
-    public init(memorySize: Int, serial sink: SerialSink = .none, kvm: Kvm? = nil) throws(MachineError) {
-        core = try MachineCore(memorySize: memorySize, serial: sink, kvm: kvm)
+    public init(memorySize: Int, vcpus: Int = 1, serial sink: SerialSink = .none, kvm: Kvm? = nil) throws(MachineError) {
+        core = try MachineCore(memorySize: memorySize, vcpuCount: vcpus, serial: sink, kvm: kvm)
     }
 
     deinit { core.stop() }
@@ -46,233 +48,263 @@ public final class Machine: @unchecked Sendable {
     public var kvm: Kvm { core.kvm }
     public var vm: VirtualMachine { core.vm }
     public var memory: GuestMemory { core.memory }
-    public var vcpu: VCPU { core.vcpu }
+    public var vcpus: [VCPU] { core.vcpus }
+    public var vcpuCount: Int { core.vcpus.count }
     public var serial: SerialPort { core.serial }
     public var ram: RAMBlock { core.memory.blocks[0] }
-    /// Called on the vCPU thread when the guest stops by itself (shutdown or error).
+    /// What a migration's two ends must agree on.
+    public var shape: MachineShape { core.shape }
+    /// The guest TSC's frequency (read once: a vCPU ioctl waits while its vCPU runs).
+    public var tscKHz: UInt64? { core.tscKHz }
+    /// Called on a vCPU thread when the guest stops by itself (shutdown or error).
     public var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)? {
         get { core.onGuestStop }
         set { core.onGuestStop = newValue }
     }
     public func loadBootSector(_ image: [UInt8]) throws(MachineError) { try core.loadBootSector(image) }
-    public func loadTestGuest() throws(MachineError) { try core.loadTestGuest() }
+    /// Loads the built-in test guest laid out for this machine (`touching` bytes of RAM
+    /// walked, all of it by default).
+    public func loadTestGuest(touching: Int? = nil) throws(MachineError) { try core.loadTestGuest(touching: touching) }
     public var state: VCPURunState { core.state }
     public var lastError: String? { core.lastError }
     /// Port and MMIO accesses to devices Ferry does not model (ignored; reads give 0xff).
     public var unhandledIOCount: Int { core.unhandledIOCount }
-    /// Starts the vCPU thread (running unless `paused`).
+    /// Starts the vCPU threads (running unless `paused`).
     public func start(paused: Bool = false) throws(MachineError) { try core.start(paused: paused) }
-    /// Stops the guest and waits until the vCPU thread is parked with no pending I/O.
+    /// Stops the guest and waits until every vCPU thread is parked with no pending I/O.
     public func pause() { _ = core.pause(timeoutNanos: nil) }
     /// As `pause()`, but gives up waiting after `timeoutNanos` (a vCPU blocked in the kernel
     /// on a missing postcopy page parks only once the page arrives). True when parked.
     /// `kick: false` leaves a vCPU blocked in the kernel alone (a signal makes KVM retry a
     /// userfaultfd fault in a busy loop until the page arrives); it parks at its next exit.
     public func pause(timeoutNanos: UInt64, kick: Bool = true) -> Bool { core.pause(timeoutNanos: timeoutNanos, kick: kick) }
-    /// After a `pause` that timed out: waits until the vCPU parks. False when the pause was
-    /// cancelled by `resume` or the vCPU thread ended.
+    /// After a `pause` that timed out: waits until every vCPU parks. False when the pause
+    /// was cancelled by `resume` or the vCPU threads ended.
     public func waitUntilParked() -> Bool { core.waitUntilParked() }
-    /// The vCPU thread's kernel thread id (userfaultfd reports it with each fault); 0 before start.
-    public var vcpuThreadID: UInt32 { core.vcpuThreadID }
+    /// Each vCPU thread's kernel thread id (userfaultfd reports it with each fault), by
+    /// vCPU index; 0 before start.
+    public var vcpuThreadIDs: [UInt32] { core.vcpuThreadIDs }
     /// Lets the guest run again after `pause()`.
     public func resume() { core.resume() }
     public var isPaused: Bool { core.isPaused }
-    /// Ends the vCPU thread for good.
+    /// Ends the vCPU threads for good.
     public func stop() { core.stop() }
 }
 
-/// Ownership: the devices are immutable references; `thread`, `pauseRequested`,
-/// `quitRequested`, `parked`, `_state`, `_error`, `_unhandledIO` and `_exits` are guarded by
-/// `monitor`; `onGuestStop` is set before the vCPU thread starts and only read after.
+/// Ownership: the devices are immutable references; `threads`, `tids`, `pauseRequested`,
+/// `quitRequested`, `parked`, `_state`, `_error`, `_unhandledIO` are guarded by `monitor`;
+/// `onGuestStop` is set before the vCPU threads start and only read after.
 final class MachineCore: @unchecked Sendable {
 
-    public let kvm: Kvm
-    public let vm: VirtualMachine
-    public let memory: GuestMemory
-    public let vcpu: VCPU
-    public let serial: SerialPort
+    let kvm: Kvm
+    let vm: VirtualMachine
+    let memory: GuestMemory
+    let vcpus: [VCPU]
+    let serial: SerialPort
+    let shape: MachineShape
+    let tscKHz: UInt64?
 
     private let monitor = Monitor()
-    private var thread: KernelThread?
+    private var threads: [KernelThread] = []
+    private var tids: [UInt32]
     private var pauseRequested = false
     private var quitRequested = false
-    private var parked = false
+    /// Per vCPU: parked after an EINTR return, waiting to be resumed.
+    private var parked: [Bool]
     private var _state: VCPURunState = .created
     private var _error: String?
     private var _unhandledIO = 0
-    private var _exits = 0
 
     var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)?
 
     var ram: RAMBlock { memory.blocks[0] }
 
-    public init(memorySize: Int, serial sink: SerialSink = .none, kvm: Kvm? = nil) throws(MachineError) {
+    init(memorySize: Int, vcpuCount: Int, serial sink: SerialSink, kvm: Kvm?) throws(MachineError) {
         guard memorySize >= 2 << 20 else {
             throw MachineError(.config, "memory size \(memorySize) is too small: the guest needs at least 2 MiB")
         }
-        // RAM is one slot from 0; it must end below the x86 interrupt controllers' window
-        // (IOAPIC 0xfec00000, LAPIC 0xfee00000: KVM exits on LAPIC accesses even where RAM is
-        // mapped) and KVM's TSS pages. No RAM above 4 GiB yet.
-        guard memorySize <= Machine.maxMemory else {
-            throw MachineError(.config, "memory size \(memorySize) reaches the interrupt controllers' window at 0xfec00000; at most \(Machine.maxMemory) bytes (\(Machine.maxMemory >> 20) MiB)")
+        guard memorySize <= MachineShape.maxMemory else {
+            throw MachineError(.config, "memory size \(memorySize >> 30) GiB is more than Ferry's limit of \(MachineShape.maxMemory >> 30) GiB")
+        }
+        guard memorySize % targetPageSize == 0 else { throw MachineError(.config, "memory size \(memorySize) is not a whole number of 4 KiB pages") }
+        guard (1...Machine.maxVCPUs).contains(vcpuCount) else {
+            throw MachineError(.config, "\(vcpuCount) vCPUs: Ferry machines have 1 to \(Machine.maxVCPUs)")
         }
         do {
             self.kvm = try kvm ?? Kvm()
             self.vm = try self.kvm.createVM()
+            try vm.createInterruptControllers()
             self.memory = try GuestMemory.pc(size: memorySize)
-            try vm.map(memory.blocks[0], slot: Machine.ramSlot)
-            self.vcpu = try vm.createVCPU()
+            try vm.map(memory.blocks[0])
+            var v: [VCPU] = []
+            for i in 0..<vcpuCount { v.append(try vm.createVCPU(id: Int32(i), of: vcpuCount)) }
+            self.vcpus = v
             self.serial = try SerialPort(sink: sink)
+            self.shape = MachineShape(vcpus: vcpuCount, memory: memorySize,
+                                      cpuidDigest: CPUIDModel.digest(supported: try self.kvm.cpuid(), count: vcpuCount))
         } catch let e as KVMError {
             throw MachineError(.kvm, "cannot create the VM", cause: e)
         } catch {
             throw MachineError(.config, "cannot create the VM", cause: error)
         }
+        tscKHz = vcpus[0].tscKHz()
+        tids = Array(repeating: 0, count: vcpuCount)
+        parked = Array(repeating: false, count: vcpuCount)
+        serial.raiseIRQ = { [vm] high in vm.setIRQLine(SerialPort.irq, high: high) }
         _ = ferry_install_kick_handler(Machine.kickSignal)
     }
 
     // MARK: guest loading
 
-    /// Loads a raw disk image's boot sector at 0x7c00 and sets the vCPU as a BIOS would
-    /// hand over: real mode, CS:IP = 0000:7c00, DL = 0x80. No BIOS services exist.
-    public func loadBootSector(_ image: [UInt8]) throws(MachineError) {
+    /// Loads a raw disk image at 0x7c00 (its first sector a boot sector; later sectors
+    /// follow it, as a BIOS that read them all would leave them) and sets the boot vCPU as
+    /// a BIOS hands over: real mode, CS:IP = 0000:7c00, DL = 0x80. No BIOS services exist.
+    /// The other vCPUs wait for INIT/SIPI.
+    func loadBootSector(_ image: [UInt8]) throws(MachineError) {
         guard image.count >= 512 else {
             throw MachineError(.guestImage, "guest image is \(image.count) bytes; a boot sector needs 512")
         }
         guard image[510] == 0x55, image[511] == 0xaa else {
             throw MachineError(.guestImage, "guest image has no boot signature (bytes 510-511 are not 55 aa)")
         }
+        // Up to the EBDA at 0x9fc00, as much as fits below it.
+        let loaded = min(image.count, 0x9fc00 - 0x7c00)
         do {
-            try Array(image[0..<512]).withUnsafeBytes { b throws in try memory.write(gpa: 0x7c00, b) }
-            try vcpu.resetToRealMode(ip: 0x7c00)
+            try Array(image[0..<loaded]).withUnsafeBytes { b throws in try memory.write(gpa: 0x7c00, b) }
+            try vcpus[0].resetToRealMode(ip: 0x7c00)
         } catch {
             throw MachineError(.guestImage, "cannot load the boot sector", cause: error)
         }
     }
 
-    public func loadTestGuest() throws(MachineError) {
-        try loadBootSector(TestGuest.image(forMemory: ram.length))
+    func loadTestGuest(touching: Int?) throws(MachineError) {
+        let layout = TestGuestLayout(memory: ram.length, vcpus: vcpus.count, touched: touching)
+        try loadBootSector(TestGuest.image(layout))
     }
 
     // MARK: state
 
-    public var state: VCPURunState { monitor.withLock { _state } }
-    public var lastError: String? { monitor.withLock { _error } }
-    /// Port and MMIO accesses to devices Ferry does not model (ignored; reads give 0xff).
-    public var unhandledIOCount: Int { monitor.withLock { _unhandledIO } }
+    var state: VCPURunState { monitor.withLock { _state } }
+    var lastError: String? { monitor.withLock { _error } }
+    var unhandledIOCount: Int { monitor.withLock { _unhandledIO } }
+    var vcpuThreadIDs: [UInt32] { monitor.withLock { tids } }
+    private var allParked: Bool { !parked.contains(false) }
 
-    // MARK: vCPU thread
+    // MARK: vCPU threads
 
-    /// Starts the vCPU thread (running unless `paused`).
-    public func start(paused: Bool = false) throws(MachineError) {
+    func start(paused: Bool = false) throws(MachineError) {
         let failure: MachineError? = monitor.withLock {
-            guard thread == nil else { return MachineError(.state, "the vCPU is already started") }
+            guard threads.isEmpty else { return MachineError(.state, "the vCPUs are already started") }
             pauseRequested = paused
-            if paused { vcpu.immediateExit = true }
+            for v in vcpus { v.immediateExit = paused }
             _state = paused ? .paused : .running
             do {
-                thread = try KernelThread(name: "vcpu0") { [self] in self.vcpuLoop() }
+                for i in vcpus.indices {
+                    threads.append(try KernelThread(name: "vcpu\(i)") { [self] in self.vcpuLoop(i) })
+                }
                 return nil
             } catch {
-                return MachineError(.vcpu, "cannot start the vCPU thread", cause: error)
+                quitRequested = true
+                for v in vcpus { v.immediateExit = true }
+                monitor.broadcast()
+                return MachineError(.vcpu, "cannot start the vCPU threads", cause: error)
             }
         }
-        if let failure { throw failure }
+        if let failure { stop(); throw failure }
     }
 
-    /// Stops the guest and waits until the vCPU thread is parked with no pending I/O.
+    private func kickAll() {
+        let ts = monitor.withLock { threads }
+        for t in ts { t.kick(Machine.kickSignal) }
+    }
+
+    /// Stops the guest and waits until every vCPU thread is parked with no pending I/O.
     /// Safe to call from any thread, repeatedly.
-    public func pause(timeoutNanos: UInt64?, kick: Bool = true) -> Bool {
+    func pause(timeoutNanos: UInt64?, kick: Bool = true) -> Bool {
         let deadline = timeoutNanos.map { Sys.monotonicNanos() + $0 }
         monitor.withLock {
-            guard thread != nil, !quitRequested else { return }
-            vcpu.immediateExit = true
+            guard !threads.isEmpty, !quitRequested else { return }
+            for v in vcpus { v.immediateExit = true }
             pauseRequested = true
             monitor.broadcast()
         }
-        if kick { thread?.kick(Machine.kickSignal) }
+        if kick { kickAll() }
         return monitor.withLock {
-            while !parked && !quitRequested && thread != nil {
+            while !allParked && !quitRequested && !threads.isEmpty {
                 if let deadline, Sys.monotonicNanos() >= deadline { break }
                 monitor.wait(timeoutNanos: 10_000_000)
             }
-            // Only a parked vCPU is paused: one still in the kernel keeps running the guest
-            // until it parks (at its next exit), and must not be reported as paused before.
-            if parked && (_state == .running || _state == .halted) { _state = .paused }
-            return parked || thread == nil || quitRequested
+            // Only a machine whose every vCPU parked is paused: one still in the kernel keeps
+            // running the guest until it parks (at its next exit).
+            if allParked && _state == .running { _state = .paused }
+            return allParked || threads.isEmpty || quitRequested
         }
     }
 
-    /// Waits, without kicking, until the vCPU parks for a pause already requested. False
-    /// when the pause was cancelled (`resume`) or the vCPU thread ended first.
-    public func waitUntilParked() -> Bool {
+    func waitUntilParked() -> Bool {
         monitor.withLock {
-            while pauseRequested && !parked && !quitRequested && thread != nil { monitor.wait(timeoutNanos: 100_000_000) }
-            return pauseRequested && parked && !quitRequested
+            while pauseRequested && !allParked && !quitRequested && !threads.isEmpty { monitor.wait(timeoutNanos: 100_000_000) }
+            return pauseRequested && allParked && !quitRequested
         }
     }
 
-    private var _vcpuTID: UInt32 = 0
-    var vcpuThreadID: UInt32 { monitor.withLock { _vcpuTID } }
-
-    /// Lets the guest run again after `pause()`.
-    public func resume() {
+    func resume() {
         monitor.withLock {
             guard pauseRequested else { return }
             pauseRequested = false
-            vcpu.immediateExit = false
+            for v in vcpus { v.immediateExit = false }
             if _state == .paused { _state = .running }
             monitor.broadcast()
         }
     }
 
-    public var isPaused: Bool { monitor.withLock { pauseRequested && parked } }
+    var isPaused: Bool { monitor.withLock { pauseRequested && allParked } }
 
-    /// Ends the vCPU thread for good.
-    public func stop() {
-        let t: KernelThread? = monitor.withLock {
+    func stop() {
+        let ts: [KernelThread] = monitor.withLock {
             quitRequested = true
-            vcpu.immediateExit = true
+            for v in vcpus { v.immediateExit = true }
             monitor.broadcast()
-            return thread
+            return threads
         }
-        guard let t else { return }
-        t.kick(Machine.kickSignal)
-        t.join()
+        guard !ts.isEmpty else { return }
+        for t in ts { t.kick(Machine.kickSignal) }
+        for t in ts { t.join() }
         monitor.withLock {
-            thread = nil
-            if _state == .running || _state == .paused || _state == .halted { _state = .stopped }
+            threads = []
+            if _state == .running || _state == .paused { _state = .stopped }
         }
     }
 
-    private func vcpuLoop() {
+    private func vcpuLoop(_ index: Int) {
+        let vcpu = vcpus[index]
         _ = ferry_unblock_signal(Machine.kickSignal)
         let tid = UInt32(truncatingIfNeeded: ferry_gettid())
-        monitor.withLock { _vcpuTID = tid }
+        monitor.withLock { tids[index] = tid }
         var lastWasInterrupt = true
         while true {
             let proceed: Bool = monitor.withLock {
                 // Park only after a KVM_RUN that returned EINTR, so a pending I/O exit
                 // has been completed and the register state is final.
-                while (pauseRequested && lastWasInterrupt) || (_state == .halted && !pauseRequested) || isFinished {
+                while (pauseRequested && lastWasInterrupt) || isFinished {
                     if quitRequested { return false }
-                    if pauseRequested && lastWasInterrupt {
-                        parked = true
-                        if _state == .running || _state == .halted { _state = .paused }
+                    // A stopped guest's vCPU counts as parked: its state no longer changes.
+                    if (pauseRequested && lastWasInterrupt || isFinished) && !parked[index] {
+                        parked[index] = true
+                        if allParked && _state == .running { _state = .paused }
                         monitor.broadcast()
                     }
                     monitor.wait()
                 }
-                parked = false
-                if quitRequested { return false }
-                return true
+                parked[index] = false
+                return !quitRequested
             }
             if !proceed { break }
             let exit: VCPUExit
             do {
                 exit = try vcpu.runOnce()
             } catch {
-                guestStopped(.internalError, "KVM_RUN failed: \(error)")
+                guestStopped(.internalError, "vCPU \(index): KVM_RUN failed: \(error)")
                 continue
             }
             lastWasInterrupt = false
@@ -285,25 +317,33 @@ final class MachineCore: @unchecked Sendable {
                 if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0xff, count: min(length, 8)) }
                 monitor.withLock { _unhandledIO += 1 }
             case .hlt:
-                monitor.withLock { if _state == .running { _state = .halted } }
+                break // the in-kernel local APIC handles HLT; never seen
             case .shutdown:
-                guestStopped(.shutdown, "the guest shut down (triple fault)")
+                guestStopped(.shutdown, "the guest shut down (triple fault on vCPU \(index))")
             case let .failEntry(reason):
-                guestStopped(.internalError, "KVM could not enter the guest (hardware entry failure reason 0x\(String(reason, radix: 16)))")
+                guestStopped(.internalError, "KVM could not enter vCPU \(index) (hardware entry failure reason 0x\(String(reason, radix: 16)))")
             case let .internalError(sub):
-                guestStopped(.internalError, "KVM internal error, suberror \(sub) (often an instruction KVM cannot emulate)")
+                guestStopped(.internalError, "KVM internal error on vCPU \(index), suberror \(sub) (often an instruction KVM cannot emulate)")
             case let .other(reason):
-                guestStopped(.internalError, "unhandled KVM exit reason \(reason)")
+                guestStopped(.internalError, "unhandled KVM exit reason \(reason) on vCPU \(index)")
             }
-            _exits &+= 1
         }
-        monitor.withLock { parked = true; monitor.broadcast() }
+        monitor.withLock { parked[index] = true; monitor.broadcast() }
     }
 
     private var isFinished: Bool { _state == .shutdown || _state == .internalError }
 
+    /// The guest stopped by itself: every vCPU stops (the others are kicked out of the guest).
     private func guestStopped(_ s: VCPURunState, _ message: String) {
-        monitor.withLock { _state = s; _error = message; monitor.broadcast() }
+        let first: Bool = monitor.withLock {
+            guard !isFinished else { return false }
+            _state = s; _error = message
+            for v in vcpus { v.immediateExit = true }
+            monitor.broadcast()
+            return true
+        }
+        guard first else { return }
+        kickAll()
         onGuestStop?(s, message)
     }
 

@@ -18,11 +18,24 @@ public struct MemoryError: Error, CustomStringConvertible, Sendable {
     public var description: String { "\(message)" + (cause.map { ": \($0)" } ?? "") }
 }
 
-/// One RAM block: host-anonymous memory mapped into the guest at `guestAddress`.
-/// The named unit of the migration stream (QEMU's RAMBlock, e.g. `pc.ram`).
+/// Where part of a RAM block appears in guest-physical space (one KVM memory slot).
+public struct GuestMapping: Sendable, Equatable {
+    public let guestAddress: UInt64
+    /// Offset of the part inside its block.
+    public let offset: Int
+    public let length: Int
+    public init(guestAddress: UInt64, offset: Int, length: Int) {
+        self.guestAddress = guestAddress; self.offset = offset; self.length = length
+    }
+    public var guestEnd: UInt64 { guestAddress + UInt64(length) }
+}
+
+/// One RAM block: host-anonymous memory, mapped lazily (untouched pages cost nothing),
+/// that appears in the guest as one or more `mappings`. The named unit of the migration
+/// stream (QEMU's RAMBlock, e.g. `pc.ram`); offsets in the stream are block offsets.
 public final class RAMBlock: @unchecked Sendable {
     public let name: String
-    public let guestAddress: UInt64
+    public let mappings: [GuestMapping]
     /// Used length in bytes, a multiple of the target page size.
     public let length: Int
     public let host: UnsafeMutableRawPointer
@@ -30,13 +43,20 @@ public final class RAMBlock: @unchecked Sendable {
     /// which KVM's dirty log does not see.
     public let vmmDirty: PageBitmap
 
-    public init(name: String, guestAddress: UInt64, length: Int) throws(MemoryError) {
+    public convenience init(name: String, guestAddress: UInt64, length: Int) throws(MemoryError) {
+        try self.init(name: name, length: length, mappings: [GuestMapping(guestAddress: guestAddress, offset: 0, length: length)])
+    }
+
+    public init(name: String, length: Int, mappings: [GuestMapping]) throws(MemoryError) {
         guard length > 0, length % targetPageSize == 0 else {
             throw MemoryError(.badSize, "RAM block \(name): size \(length) is not a positive multiple of \(targetPageSize)")
         }
         guard name.utf8.count <= 255 else { throw MemoryError(.badSize, "RAM block name longer than 255 bytes") }
+        guard mappings.reduce(0, { $0 + $1.length }) == length, mappings.allSatisfy({ $0.length % targetPageSize == 0 && $0.offset % targetPageSize == 0 }) else {
+            throw MemoryError(.badSize, "RAM block \(name): its guest mappings do not cover its \(length) bytes in whole pages")
+        }
         self.name = name
-        self.guestAddress = guestAddress
+        self.mappings = mappings
         self.length = length
         do {
             self.host = try Sys.mmapAnonymous(size: length)
@@ -80,9 +100,21 @@ public final class GuestMemory: @unchecked Sendable {
 
     public init(blocks: [RAMBlock]) { self.blocks = blocks }
 
-    /// A PC-style layout: one block `pc.ram` at guest address 0.
+    /// A PC's layout (QEMU's i440fx): one block `pc.ram`; from 3.5 GiB up, its first 3 GiB
+    /// sit at 0 and the rest at 4 GiB, leaving the hole below 4 GiB for devices (the
+    /// IOAPIC at 0xfec00000, the local APICs at 0xfee00000).
     public static func pc(size: Int) throws(MemoryError) -> GuestMemory {
-        GuestMemory(blocks: [try RAMBlock(name: "pc.ram", guestAddress: 0, length: size)])
+        GuestMemory(blocks: [try RAMBlock(name: "pc.ram", length: size, mappings: pcMappings(size: size))])
+    }
+
+    public static let pcLowLimit = 0xc000_0000
+    public static let pcSplitAbove = 0xe000_0000
+    public static let pcHighBase: UInt64 = 0x1_0000_0000
+
+    public static func pcMappings(size: Int) -> [GuestMapping] {
+        if size < pcSplitAbove { return [GuestMapping(guestAddress: 0, offset: 0, length: size)] }
+        return [GuestMapping(guestAddress: 0, offset: 0, length: pcLowLimit),
+                GuestMapping(guestAddress: pcHighBase, offset: pcLowLimit, length: size - pcLowLimit)]
     }
 
     public var totalBytes: Int { blocks.reduce(0) { $0 + $1.length } }
@@ -91,9 +123,11 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// The block and offset holding guest-physical address `gpa` with `count` bytes after it.
     public func resolve(gpa: UInt64, count: Int) -> (RAMBlock, Int)? {
-        for b in blocks where gpa >= b.guestAddress {
-            let off = gpa - b.guestAddress
-            if b.contains(offset: off, count: count) { return (b, Int(off)) }
+        for b in blocks {
+            for m in b.mappings where gpa >= m.guestAddress && gpa < m.guestEnd {
+                guard count >= 0, UInt64(count) <= m.guestEnd - gpa else { return nil }
+                return (b, m.offset + Int(gpa - m.guestAddress))
+            }
         }
         return nil
     }

@@ -117,9 +117,17 @@ public final class PageBitmap: @unchecked Sendable {
     /// Atomically takes all bits out of this bitmap into `into` (OR), leaving this one empty.
     public func drain(into other: PageBitmap) {
         precondition(other.bitCount == bitCount)
+        drain(into: other, atBit: 0)
+    }
+
+    /// As `drain(into:)`, into bits `atBit ..< atBit + bitCount` of a larger bitmap
+    /// (`atBit` a multiple of 64: a memory slot's part of its RAM block).
+    public func drain(into other: PageBitmap, atBit: Int) {
+        precondition(atBit % 64 == 0 && atBit + bitCount <= other.bitCount)
+        let base = other.words + atBit / 64
         for w in 0..<wordCount {
             let v = ferry_atomic_exchange64(words + w, 0)
-            if v != 0 { _ = ferry_atomic_or64(other.words + w, v) }
+            if v != 0 { _ = ferry_atomic_or64(base + w, v) }
         }
     }
 

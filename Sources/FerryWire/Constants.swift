@@ -8,8 +8,8 @@ public enum Wire {
     /// RAM section: idstr "ram", instance 0, version 4 (as QEMU).
     public static let ramSectionName = "ram"
     public static let ramSectionVersion: UInt32 = 4
-    /// Ferry's vCPU state device section.
-    public static let cpuSectionName = "ferry-cpu"
+    /// The vCPU state device section (QEMU's name; one instance per vCPU, Ferry's record).
+    public static let cpuSectionName = "cpu"
     public static let cpuSectionVersion: UInt32 = 1
     /// Ferry's one page size (the target page size of the stream); every page index and
     /// byte offset converts through these.

@@ -59,15 +59,19 @@ public final class StreamDecoder {
     /// Largest device blob accepted (Ferry's vCPU state is a few KiB).
     public static let maxDeviceBlob = 1 << 20
 
-    public init(source: any ByteSource, layout: RAMLayout) {
+    /// The device sections this destination has, with the newest version of each it reads.
+    public let devices: [String: UInt32]
+
+    public init(source: any ByteSource, layout: RAMLayout, devices: [String: UInt32] = [Wire.cpuSectionName: Wire.cpuSectionVersion]) {
         self.source = source
         self.layout = layout
+        self.devices = devices
     }
 
     /// A decoder for a new channel of the same migration (postcopy recovery): it knows the
     /// sections already started, and the next RAM record must name its block.
     public func continuing(on newSource: any ByteSource) -> StreamDecoder {
-        let d = StreamDecoder(source: newSource, layout: layout)
+        let d = StreamDecoder(source: newSource, layout: layout, devices: devices)
         d.sections = sections
         return d
     }
@@ -125,9 +129,9 @@ public final class StreamDecoder {
         case Wire.ramSectionName:
             guard h.type == .start, h.instance == 0 else { throw WireError(.unknownSection, "section ram must be iterative instance 0") }
             guard h.version == Wire.ramSectionVersion else { throw WireError(.badVersion, "ram section version \(h.version), expected 4") }
-        case Wire.cpuSectionName:
+        case _ where devices[h.name] != nil:
             guard h.type == .full else { throw WireError(.unknownSection, "section \(h.name) must be FULL") }
-            guard h.version >= 1 && h.version <= Wire.cpuSectionVersion else { throw WireError(.badVersion, "\(h.name) version \(h.version) is newer than ours") }
+            guard h.version >= 1 && h.version <= devices[h.name]! else { throw WireError(.badVersion, "\(h.name) version \(h.version) is newer than ours") }
         default:
             throw WireError(.unknownSection, "unknown section \"\(h.name)\" (instance \(h.instance))")
         }

@@ -55,8 +55,8 @@ extension WireBuffer {
     public mutating func ramSectionEnd(id: UInt32) { ramEOS(); footer(id: id) }
 
     /// A whole device section (FULL): header, be32 length, the device's blob, footer.
-    public mutating func deviceSection(id: UInt32, name: String, version: UInt32, blob: [UInt8]) {
-        sectionHeader(.full, id: id, name: name, version: version)
+    public mutating func deviceSection(id: UInt32, name: String, instance: UInt32 = 0, version: UInt32, blob: [UInt8]) {
+        sectionHeader(.full, id: id, name: name, instance: instance, version: version)
         be32(UInt32(blob.count))
         append(blob)
         footer(id: id)

@@ -95,8 +95,11 @@ enum FileHandleStderr {
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run a VM until interrupted (or until QMP 'quit').")
 
-    @Option(help: "Guest RAM size (\(ByteSize.helpText), e.g. 256M, 1G).")
+    @Option(help: "Guest RAM size (\(ByteSize.helpText), e.g. 256M, 8G; up to 64G, mapped lazily).")
     var memory: ByteSize = ByteSize(argument: "256M")!
+
+    @Option(help: "Number of vCPUs (1-\(Machine.maxVCPUs)).")
+    var smp: Int = 1
 
     @Option(help: "A raw disk image whose first sector is a boot sector. Default: the built-in test guest.")
     var guest: String?
@@ -125,7 +128,8 @@ struct Run: ParsableCommand {
         let host: VMHost
         var server: QMPServer?
         do {
-            let machine = try Machine(memorySize: memory.bytes, serial: serial)
+            let machine = try Machine(memorySize: memory.bytes, vcpus: smp, serial: serial)
+            if case .stdout = serial { try forwardStdin(to: machine.serial) }
             host = VMHost(machine: machine, incoming: incoming != nil)
             for o in objects { try host.addObject(try QOMObjects.create(try QOMObjects.parseCommandLine(o))) }
             if let qmp {
@@ -214,43 +218,64 @@ func writeFile(_ path: String, _ bytes: [UInt8]) throws {
 struct GuestImage: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "guest-image",
-        abstract: "Write the test guest's boot sector with TOP set for a RAM size, for other VMMs.")
+        abstract: "Write the test guest's disk image laid out for a machine, for other VMMs (e.g. qemu-system-x86_64 -smp N -m M -drive file=IMG,format=raw).")
 
-    @Option(help: "The guest's RAM size; the guest walks pages from 1 MiB up to it.")
+    @Option(help: "The guest's RAM size; its vCPUs walk pages from 1 MiB up to it.")
     var memory: ByteSize = ByteSize(argument: "512M")!
+
+    @Option(help: "Number of vCPUs (1-\(Machine.maxVCPUs)); each walks its own stripe of RAM.")
+    var smp: Int = 1
 
     @Option(help: "Output image path.")
     var output: String
 
     func run() throws {
-        guard memory.bytes >= 2 << 20, memory.bytes <= Machine.maxMemory else {
-            fail("--memory \(memory.bytes): the test guest runs in 2 MiB to \(Machine.maxMemory >> 20) MiB of RAM")
+        guard memory.bytes >= 2 << 20, memory.bytes <= MachineShape.maxMemory else {
+            fail("--memory \(memory.bytes): the test guest runs in 2 MiB to \(MachineShape.maxMemory >> 30) GiB of RAM")
         }
-        let top = TestGuest.top(forMemory: memory.bytes)
-        do { try writeFile(output, TestGuest.image(top: top)) } catch { fail("\(error)") }
-        print("wrote \(output): 512-byte boot sector, TOP = 0x\(String(top, radix: 16))")
+        guard (1...Machine.maxVCPUs).contains(smp) else { fail("--smp \(smp): 1 to \(Machine.maxVCPUs) vCPUs") }
+        let layout = TestGuestLayout(memory: memory.bytes, vcpus: smp)
+        let image = TestGuest.image(layout)
+        do { try writeFile(output, image) } catch { fail("\(error)") }
+        print("wrote \(output): \(image.count)-byte image for \(smp) vCPU\(smp == 1 ? "" : "s") and \(memory.bytes >> 20) MiB")
     }
 }
 
 struct CheckMemory: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check-memory",
-        abstract: "Check a raw guest memory dump (from guest-physical 0) against the test guest's rule.")
+        abstract: "Check a raw guest memory dump (guest-physical, from 0) against the test guest's rule.")
 
     @Argument(help: "Raw memory dump, e.g. from QMP pmemsave.")
     var dump: String
 
-    @Option(help: "End of the checked range (the guest's TOP), e.g. 512M or 0x20000000.")
-    var top: String
+    @Option(help: "The guest's RAM size (as given to guest-image), e.g. 512M.")
+    var memory: ByteSize
+
+    @Option(help: "The guest's vCPU count (as given to guest-image).")
+    var smp: Int = 1
 
     func run() throws {
-        guard let b = ByteSize.parse(top) else { fail("bad --top \(top): expected \(ByteSize.helpText)") }
-        let topValue = UInt64(b)
         let bytes: [UInt8]
         do { bytes = try readFile(dump) } catch { fail("\(error)") }
         guard bytes.count > 0x10_0000 else { fail("\(dump) holds \(bytes.count) bytes; the test guest's pages start at 1 MiB") }
-        let report = bytes.withUnsafeBytes { MemoryChecker(top: topValue).check($0) }
+        guard memory.bytes < GuestMemory.pcSplitAbove else { fail("check-memory reads dumps of guests below 3.5 GiB (no hole in the dump)") }
+        let layout = TestGuestLayout(memory: memory.bytes, vcpus: smp)
+        let report = bytes.withUnsafeBytes { TestGuestChecker(layout: layout).check(base: $0.baseAddress!, size: $0.count) }
         print(report)
         if !report.passed { throw ExitCode(1) }
+    }
+}
+
+/// `--serial stdio`: what is typed on stdin reaches the guest's UART (`ferry-stdin` thread).
+func forwardStdin(to serial: SerialPort) throws {
+    try KernelThread.detached(name: "ferry-stdin") {
+        var buf = [UInt8](repeating: 0, count: 256)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return } // end of input: the guest just hears nothing more
+            serial.receive(Array(buf[0..<n]))
+        }
     }
 }

@@ -1,3 +1,4 @@
+import FerryMachine
 import FerryMemory
 import Testing
 
@@ -56,52 +57,66 @@ struct PageBitmapTests {
 }
 
 @Suite("memory checker")
-struct MemoryCheckerTests {
-    /// A guest-physical image where page i (from 1 MiB) has first byte `value(i)`.
-    func memory(pages: Int, _ value: (Int) -> UInt8) -> [UInt8] {
-        var m = [UInt8](repeating: 0xaa, count: 0x10_0000 + pages * 4096)
+struct TestGuestCheckerTests {
+    /// A guest-physical image where page i (from 1 MiB) has first byte `value(i)`, and the
+    /// counters say `passes` (default: page 0's value) for one vCPU, or per vCPU.
+    func memory(pages: Int, passes: [UInt64]? = nil, total: UInt64? = nil, _ value: (Int) -> UInt8) -> [UInt8] {
+        var m = [UInt8](repeating: 0, count: 0x10_0000 + pages * 4096)
         for i in 0..<pages { m[0x10_0000 + i * 4096] = value(i) }
+        let p = passes ?? [UInt64(value(0))]
+        func put(_ at: Int, _ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { for k in 0..<8 { m[at + k] = $0[k] } } }
+        for (k, v) in p.enumerated() { put(0x80100 + k * 64, v) }
+        put(0x80000, total ?? p.reduce(0, +))
         return m
+    }
+
+    func check(_ m: [UInt8], vcpus: Int = 1) -> TestGuestChecker.Report {
+        m.withUnsafeBytes { TestGuestChecker(layout: TestGuestLayout(memory: m.count, vcpus: vcpus)).check(base: $0.baseAddress!, size: $0.count) }
     }
 
     @Test("all pages equal passes")
     func uniform() {
-        let m = memory(pages: 64) { _ in 7 }
-        let r = m.withUnsafeBytes { MemoryChecker(top: UInt64(m.count)).check($0) }
-        #expect(r.passed)
+        let r = check(memory(pages: 64) { _ in 7 })
+        #expect(r.passed, "\(r)")
         #expect(r.pagesChecked == 64)
-        #expect(r.stepAddress == nil)
     }
 
-    @Test("one step down (the guest's position), with wrap-around, passes")
+    @Test("one step down (the guest's position), with wrap-around, passes when the counter is one behind")
     func oneStep() {
-        let m = memory(pages: 64) { $0 < 20 ? 0 : 255 }
-        let r = m.withUnsafeBytes { MemoryChecker(top: UInt64(m.count)).check($0) }
-        #expect(r.passed, "\(r)")
-        #expect(r.stepAddress == 0x10_0000 + 20 * 4096)
+        let m = memory(pages: 64, passes: [255]) { $0 < 20 ? 0 : 255 }
+        #expect(check(m).passed, "\(check(m))")
+        // The same memory with the counter already at the new pass is a stale page set.
+        #expect(!check(memory(pages: 64, passes: [0]) { $0 < 20 ? 0 : 255 }).passed)
     }
 
     @Test("a lost update is found with its address")
     func lostUpdate() {
-        let m = memory(pages: 64) { $0 == 30 ? 4 : 5 }
-        let r = m.withUnsafeBytes { MemoryChecker(top: UInt64(m.count)).check($0) }
+        let r = check(memory(pages: 64) { $0 == 30 ? 4 : 5 })
         #expect(!r.passed)
-        #expect(r.inconsistencies.first?.address == 0x10_0000 + 31 * 4096)
+        #expect(r.problems.first?.contains("0x\(String(0x10_0000 + 31 * 4096, radix: 16))") == true, "\(r)")
     }
 
     @Test("two steps and a jump of two are both inconsistencies")
     func twoSteps() {
-        let two = memory(pages: 64) { $0 < 10 ? 9 : ($0 < 40 ? 8 : 7) }
-        #expect(!two.withUnsafeBytes { MemoryChecker(top: UInt64(two.count)).check($0) }.passed)
-        let jump = memory(pages: 64) { $0 < 10 ? 9 : 7 }
-        let r = jump.withUnsafeBytes { MemoryChecker(top: UInt64(jump.count)).check($0) }
-        #expect(r.inconsistencyCount > 0)
-        #expect(r.inconsistencies.first?.address == 0x10_0000 + 10 * 4096)
+        #expect(!check(memory(pages: 64, passes: [8]) { $0 < 10 ? 9 : ($0 < 40 ? 8 : 7) }).passed)
+        let r = check(memory(pages: 64, passes: [8]) { $0 < 10 ? 9 : 7 })
+        #expect(r.problemCount > 0)
+        #expect(r.problems.first?.contains("0x\(String(0x10_0000 + 10 * 4096, radix: 16))") == true, "\(r)")
     }
 
     @Test("a step up is an inconsistency")
     func stepUp() {
-        let m = memory(pages: 64) { $0 < 10 ? 3 : 4 }
-        #expect(!m.withUnsafeBytes { MemoryChecker(top: UInt64(m.count)).check($0) }.passed)
+        #expect(!check(memory(pages: 64, passes: [3]) { $0 < 10 ? 3 : 4 }).passed)
+    }
+
+    @Test("per-vCPU stripes: each checked on its own; the shared total must add up")
+    func stripes() {
+        // 4 vCPUs, 16 pages each: stripes at passes 3, 5 (mid-pass), 7, 9.
+        let value: (Int) -> UInt8 = { i in [3, i % 16 < 4 ? 6 : 5, 7, 9][i / 16] }
+        #expect(check(memory(pages: 64, passes: [3, 5, 7, 9]) { value($0) }, vcpus: 4).passed)
+        #expect(check(memory(pages: 64, passes: [3, 5, 7, 9], total: 21) { value($0) }, vcpus: 4).passed, "one increment per vCPU may be in flight")
+        #expect(!check(memory(pages: 64, passes: [3, 5, 7, 9], total: 19) { value($0) }, vcpus: 4).passed, "a lost shared increment")
+        #expect(!check(memory(pages: 64, passes: [3, 5, 7, 9], total: 25) { value($0) }, vcpus: 4).passed, "an extra shared increment")
+        #expect(!check(memory(pages: 64, passes: [3, 4, 7, 9]) { value($0) }, vcpus: 4).passed, "a stripe two passes ahead of its counter")
     }
 }

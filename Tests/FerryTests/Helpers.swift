@@ -43,8 +43,19 @@ func waitForPasses(_ m: Machine, _ n: Int, seconds: Double = 30) -> Bool {
     return waitUntil(seconds: seconds) { m.serial.bytesWritten >= start + n }
 }
 
-func checkMemory(_ m: Machine) -> MemoryChecker.Report {
-    MemoryChecker(top: UInt64(TestGuest.top(forMemory: m.ram.length))).check(base: m.ram.host, size: m.ram.length)
+func checkMemory(_ m: Machine, touched: Int? = nil) -> TestGuestChecker.Report {
+    m.checkTestGuest(touched: touched)
+}
+
+/// Waits until vCPU 0 sleeps in HLT (KVM keeps a halted vCPU in the kernel: it is asked
+/// while paused, its MP state says). Leaves the machine paused when it returns true.
+func waitUntilHalted(_ m: Machine, seconds: Double = 30) -> Bool {
+    waitUntil(seconds: seconds) {
+        m.pause()
+        if (try? m.vcpus[0].mpState()) == 3 { return true }
+        m.resume()
+        return false
+    }
 }
 
 /// The first byte of every page the test guest walks.

@@ -123,8 +123,8 @@ async def main():
         time.sleep(1.0)
         await t.execute("stop")
         await t.execute("pmemsave", {"val": 0, "size": MEM, "filename": f"{d}/ram.bin"})
-        r = subprocess.run([FERRY, "check-memory", f"{d}/ram.bin", "--top", str(MEM)], capture_output=True, text=True)
-        check(r.returncode == 0, f"destination memory: {r.stdout.strip()}")
+        r = subprocess.run([FERRY, "check-memory", f"{d}/ram.bin", "--memory", str(MEM)], capture_output=True, text=True)
+        check(r.returncode == 0, f"destination memory: {r.stdout.strip()} {r.stderr.strip()}")
         try:
             await t.execute("pmemsave", {"val": MEM, "size": 4096, "filename": f"{d}/x.bin"})
             check(False, "pmemsave outside RAM refused")
@@ -178,7 +178,7 @@ async def main():
         time.sleep(0.5)
         await u.execute("stop")
         await u.execute("pmemsave", {"val": 0, "size": MEM, "filename": f"{d}/ram3.bin"})
-        r = subprocess.run([FERRY, "check-memory", f"{d}/ram3.bin", "--top", str(MEM)], capture_output=True, text=True)
+        r = subprocess.run([FERRY, "check-memory", f"{d}/ram3.bin", "--memory", str(MEM)], capture_output=True, text=True)
         check(r.returncode == 0, f"memory after postcopy recovery: {r.stdout.strip()}")
         await u.disconnect()
 

@@ -39,6 +39,18 @@ extern const unsigned long ferry_KVM_SET_MP_STATE;
 extern const unsigned long ferry_KVM_GET_DIRTY_LOG;
 extern const unsigned long ferry_KVM_CLEAR_DIRTY_LOG;
 extern const unsigned long ferry_KVM_ENABLE_CAP;
+extern const unsigned long ferry_KVM_CREATE_IRQCHIP;
+extern const unsigned long ferry_KVM_CREATE_PIT2;
+extern const unsigned long ferry_KVM_IRQ_LINE;
+extern const unsigned long ferry_KVM_GET_IRQCHIP;
+extern const unsigned long ferry_KVM_SET_IRQCHIP;
+extern const unsigned long ferry_KVM_GET_PIT2;
+extern const unsigned long ferry_KVM_SET_PIT2;
+extern const unsigned long ferry_KVM_GET_LAPIC;
+extern const unsigned long ferry_KVM_SET_LAPIC;
+extern const unsigned long ferry_KVM_GET_CLOCK;
+extern const unsigned long ferry_KVM_SET_CLOCK;
+extern const unsigned long ferry_KVM_GET_TSC_KHZ;
 extern const unsigned long ferry_UFFDIO_API;
 extern const unsigned long ferry_UFFDIO_REGISTER;
 extern const unsigned long ferry_UFFDIO_UNREGISTER;
@@ -73,8 +85,10 @@ int ferry_kvm_msr_index_list(int kvm_fd, uint32_t *indices, int max);
 // Reads/writes `n` MSRs; returns the number processed.
 int ferry_kvm_get_msrs(int vcpu_fd, const uint32_t *indices, uint64_t *values, int n);
 int ferry_kvm_set_msrs(int vcpu_fd, const uint32_t *indices, const uint64_t *values, int n);
-// KVM_GET_SUPPORTED_CPUID -> KVM_SET_CPUID2 on the vCPU.
-int ferry_kvm_setup_cpuid(int kvm_fd, int vcpu_fd);
+// KVM_GET_SUPPORTED_CPUID into `entries` (capacity `max`); returns the count.
+int ferry_kvm_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *entries, int max);
+// KVM_SET_CPUID2 on the vCPU with `n` entries.
+int ferry_kvm_set_cpuid(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int n);
 // KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG on one slot.
 int ferry_kvm_get_dirty_log(int vm_fd, uint32_t slot, void *bitmap);
 int ferry_kvm_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t first_page, uint32_t num_pages, void *bitmap);

@@ -66,8 +66,8 @@ extension IncomingMigration {
     func faultLoop(_ service: FaultService) {
         let block = service.block
         let base = UInt64(UInt(bitPattern: block.host))
-        // The vCPU thread starts at RUN, after this thread: learn its id on the first fault after.
-        var vcpu: UInt32 = 0
+        // The vCPU threads start at RUN, after this thread: learn their ids as they fault.
+        var vcpuOfThread: [UInt32: Int] = [:]
         while service.waitForFaults() {
             while true {
                 let event: Userfaultfd.Event?
@@ -76,8 +76,10 @@ extension IncomingMigration {
                 guard case let .pageFault(address, _, tid) = event, address >= base else { continue }
                 let page = Int((address - base) >> UInt64(Wire.pageShift))
                 guard page < block.pageCount, !received.test(page) else { continue }
-                if vcpu == 0 { vcpu = machine.vcpuThreadID }
-                faults.faulted(page: page, vcpu: tid == vcpu)
+                if vcpuOfThread[tid] == nil {
+                    for (i, t) in machine.vcpuThreadIDs.enumerated() where t != 0 { vcpuOfThread[t] = i }
+                }
+                faults.faulted(page: page, vcpu: vcpuOfThread[tid])
                 if !requested.testAndSet(page) { requestPage(page) }
                 // Installed between our check and the record: resolve it now.
                 if received.test(page) { faults.installed(page: page) }
@@ -87,6 +89,8 @@ extension IncomingMigration {
 
     /// Asks the source for one page, if requests flow now (not while paused).
     func requestPage(_ page: Int) {
-        returnPath.requestPage(page, block: machine.ram.name) { lock.withLock { phase.requestsFlow } }
+        if returnPath.requestPage(page, block: machine.ram.name, allowed: { lock.withLock { phase.requestsFlow } }) {
+            faults.requested(page: page)
+        }
     }
 }

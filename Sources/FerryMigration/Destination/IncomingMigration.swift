@@ -71,6 +71,7 @@ final class IncomingMigration: @unchecked Sendable {
         self.received = PageBitmap(bitCount: host.machine.ram.pageCount)
         self.requested = PageBitmap(bitCount: host.machine.ram.pageCount)
         _stats.socketAddress = listener.boundURI
+        faults.setVCPUCount(host.machine.vcpuCount)
     }
 
     // MARK: phase
@@ -140,8 +141,8 @@ final class IncomingMigration: @unchecked Sendable {
             }
             if ch.isSocket { try startKeepalive() }
             switch try load(ch) {
-            case .precopy(let cpu):
-                try machine.vcpu.restoreState(cpu)
+            case .precopy(let devices):
+                try machine.restoreDevices(devices)
                 try machine.start()
                 host.setRunState(.running)
                 host.emit(.resume)

@@ -31,15 +31,17 @@ final class ReturnPathWriter: @unchecked Sendable {
     }
 
     /// A page request, if `allowed` (asked with this writer's lock held) says requests flow.
-    func requestPage(_ page: Int, block: String, allowed: () -> Bool) {
+    /// True when the request went out.
+    @discardableResult
+    func requestPage(_ page: Int, block: String, allowed: () -> Bool) -> Bool {
         lock.withLock {
-            guard let rp = channel, allowed() else { return }
+            guard let rp = channel, allowed() else { return false }
             let name: String? = lastRequestedBlock == block ? nil : block
             lastRequestedBlock = block
             buffer.removeAll()
             buffer.rpRequestPages(block: name, offset: UInt64(page) << Wire.pageShift, length: UInt32(Wire.pageSize))
-            try? rp.write(buffer)
-            try? rp.flush()
+            do { try rp.write(buffer); try rp.flush() } catch { return false }
+            return true
         }
     }
 }

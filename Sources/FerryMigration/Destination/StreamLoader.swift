@@ -1,5 +1,6 @@
 import CFerry
 import FerryKVM
+import FerryMachine
 import FerryMemory
 import FerrySys
 import FerryWire
@@ -10,14 +11,14 @@ import Glibc
 /// state, RUN). Which item is legal when is the phase's legality table
 /// (`DestinationPhase.acceptedItems`); this file only says what each item does.
 extension IncomingMigration {
-    enum LoadResult { case precopy(VCPUState), postcopy(StreamDecoder) }
+    enum LoadResult { case precopy([DeviceSection]), postcopy(StreamDecoder) }
 
-    /// Loads a stream up to its end (precopy: the vCPU state found at EOF) or up to the
-    /// postcopy RUN (the guest runs here from then on; the decoder carries on).
+    /// Loads a stream up to its end (precopy: the device state found before EOF) or up to
+    /// the postcopy RUN (the guest runs here from then on; the decoder carries on).
     func load(_ ch: MigrationChannel) throws -> LoadResult {
-        let decoder = StreamDecoder(source: ch, layout: layout)
+        let decoder = StreamDecoder(source: ch, layout: layout, devices: Machine.deviceSectionVersions)
         try decoder.readFileHeader()
-        var cpu: VCPUState?
+        var devices: [DeviceSection] = []
         var sawRAMSetup = false
         while true {
             let item = try decoder.nextItem()
@@ -33,9 +34,8 @@ extension IncomingMigration {
                 try loadRAM(decoder, ch)
                 try decoder.readFooter(expecting: h.id)
             case .section(let h):
-                // validated by the decoder: the vCPU device section
-                cpu = try VCPUState(decoding: try decoder.readDeviceBlob())
-                try decoder.readFooter(expecting: h.id)
+                // validated by the decoder: a device section this machine has
+                if let d = try readDevice(h, decoder) { devices.append(d) }
             case .command(.packaged(let length)):
                 guard postcopyAdvised else { throw MigrationError(.protocolError, "PACKAGED without POSTCOPY_ADVISE") }
                 guard length <= 16_777_216 else { throw WireError(.badLength, "postcopy package of \(length) bytes") }
@@ -46,10 +46,24 @@ extension IncomingMigration {
             case .command(let c):
                 try handleCommand(c, ch)
             case .eof:
-                guard let cpu else { throw WireError(.truncated, "the stream ended without the vCPU state") }
-                return .precopy(cpu)
+                guard !devices.isEmpty else { throw WireError(.truncated, "the stream ended without the device state") }
+                return .precopy(devices)
             }
         }
+    }
+
+    /// Reads one device section. The machine's shape is checked at once (nil returned): a
+    /// stream from a machine shaped otherwise is refused before any of its RAM is loaded.
+    private func readDevice(_ h: SectionHeader, _ decoder: StreamDecoder) throws -> DeviceSection? {
+        let blob = try decoder.readDeviceBlob()
+        try decoder.readFooter(expecting: h.id)
+        guard h.name == MachineShape.sectionName else {
+            return DeviceSection(name: h.name, instance: h.instance, version: h.version, blob: blob)
+        }
+        if let why = machine.shape.refusal(of: try MachineShape(decoding: blob)) {
+            throw MigrationError(.config, "machine mismatch: \(why)")
+        }
+        return nil
     }
 
     private func handleCommand(_ c: Command, _ ch: MigrationChannel) throws {
@@ -107,8 +121,8 @@ extension IncomingMigration {
 
     /// The package: LISTEN, device state, RUN, as one nested stream.
     private func loadPackage(_ blob: [UInt8]) throws {
-        let decoder = StreamDecoder(source: ByteArraySource(blob), layout: layout)
-        var cpu: VCPUState?
+        let decoder = StreamDecoder(source: ByteArraySource(blob), layout: layout, devices: Machine.deviceSectionVersions)
+        var devices: [DeviceSection] = []
         while true {
             let item: StreamItem
             do { item = try decoder.nextItem() } catch let e as WireError where e.code == .truncated {
@@ -121,8 +135,8 @@ extension IncomingMigration {
             case .command(.ping(let v)):
                 returnPath.send { $0.rpPong(v) }
             case .command(.postcopyRun):
-                guard let cpu else { throw MigrationError(.protocolError, "POSTCOPY_RUN before the vCPU state") }
-                try machine.vcpu.restoreState(cpu)
+                guard !devices.isEmpty else { throw MigrationError(.protocolError, "POSTCOPY_RUN before the device state") }
+                try machine.restoreDevices(devices)
                 try machine.start()
                 host.setRunState(.running)
                 host.emit(.resume)
@@ -134,8 +148,7 @@ extension IncomingMigration {
                 resendOutstandingRequests()
                 return
             case .section(let h):
-                cpu = try VCPUState(decoding: try decoder.readDeviceBlob())
-                try decoder.readFooter(expecting: h.id)
+                if let d = try readDevice(h, decoder) { devices.append(d) }
             default:
                 throw MigrationError(.protocolError, "unexpected item in the postcopy package")
             }

@@ -50,7 +50,9 @@ final class OutgoingMigration: @unchecked Sendable {
     var recoveryURI: MigrationURI
 
     static let ramSectionID: UInt32 = 0
-    static let cpuSectionID: UInt32 = 1
+    static let shapeSectionID: UInt32 = 1
+    /// Device sections take ids from here on, in `Machine.saveDevices` order.
+    static let firstDeviceSectionID: UInt32 = 2
 
     // mig/src/main only
     var cursor = 0
@@ -192,10 +194,10 @@ final class OutgoingMigration: @unchecked Sendable {
             let returnPath = uri.isBidirectional
             try sendSetup(ch, returnPath: returnPath)
             if returnPath { try startReturnPath(ch) }
-            try machine.vm.setDirtyLogging(slot: Machine.ramSlot, true)
+            try machine.vm.setDirtyLogging(machine.ram, true)
             // The first pass sends everything; the log only matters from here on.
             let discard = PageBitmap(bitCount: block.pageCount)
-            try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: discard)
+            try machine.vm.collectDirtyLog(machine.ram, into: discard)
             toSend.setAll()
             try advance(.setupSent) {
                 $0.setupTimeMs = Sys.nanosSince($0.startNanos) / 1_000_000
@@ -223,7 +225,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 _ = lock.wait(until: deadline) { phase == .cancelling || inbox.shut != nil || inbox.failure != nil ? true : nil }
             }
         }
-        try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // cleanup: the migration failed already
+        try? machine.vm.setDirtyLogging(machine.ram, false) // cleanup: the migration failed already
         let ch = lock.withLock { channel }
         ch?.abort()
         ch?.close()

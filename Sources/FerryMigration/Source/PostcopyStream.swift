@@ -13,15 +13,14 @@ extension OutgoingMigration {
         let stopNanos = Sys.monotonicNanos()
         try advance(.switchToPostcopy)
         reach(.postcopyStopped)
-        try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
-        try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // the log is read; a failure to stop it costs only speed
+        try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+        try? machine.vm.setDirtyLogging(machine.ram, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
         appendDiscards(to: &header)
         header.ping(2)
         var package = WireBuffer(capacity: 16 << 10)
         package.command(.postcopyListen)
-        package.deviceSection(id: Self.cpuSectionID, name: Wire.cpuSectionName, version: Wire.cpuSectionVersion,
-                              blob: try machine.vcpu.saveState().encoded())
+        try appendDeviceState(to: &package)
         package.command(.postcopyRun)
         header.packaged(length: UInt32(package.count))
         header.append(package.bytes)
@@ -53,7 +52,7 @@ extension OutgoingMigration {
             }
             try advance(.destinationRunning) { $0.downtimeMs = Sys.nanosSince(stopNanos) / 1_000_000 }
         } catch let never as DestinationNeverRan {
-            try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, true) // best effort: a later migration re-enables it
+            try? machine.vm.setDirtyLogging(machine.ram, true) // best effort: a later migration re-enables it
             throw never
         } catch {
             current = try pauseAndRecover(after: error, old: ch)

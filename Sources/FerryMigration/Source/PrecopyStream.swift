@@ -16,6 +16,8 @@ extension OutgoingMigration {
         header.removeAll()
         header.fileHeader()
         header.configuration()
+        // The machine's shape first: a destination shaped otherwise refuses before any RAM.
+        header.deviceSection(id: Self.shapeSectionID, name: MachineShape.sectionName, version: MachineShape.version, blob: machine.shape.encoded())
         if returnPath {
             header.command(.openReturnPath)
             header.ping(1)
@@ -30,6 +32,13 @@ extension OutgoingMigration {
         header.ramSectionEnd(id: Self.ramSectionID)
         try ch.write(header)
         try ch.flush()
+    }
+
+    /// Every device's state (the guest is stopped), one section each.
+    func appendDeviceState(to buffer: inout WireBuffer) throws {
+        for (k, d) in try machine.saveDevices().enumerated() {
+            buffer.deviceSection(id: Self.firstDeviceSectionID + UInt32(k), name: d.name, instance: d.instance, version: d.version, blob: d.blob)
+        }
     }
 
     /// Precopy passes until the policy says stop (or postcopy was asked for).
@@ -53,7 +62,7 @@ extension OutgoingMigration {
 
             // End of a pass: collect what the guest dirtied meanwhile.
             let now = Sys.monotonicNanos()
-            try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+            try machine.vm.collectDirtyLog(machine.ram, into: toSend)
             let p = parameters
             let autoSwitch = capabilities.contains(.postcopyRAM) ? p.postcopyAutoSwitchPasses : 0
             let (verdict, pass) = policy.passEnded(now: now, sent: ch.bytesWritten, dirtyPages: UInt64(toSend.popcount()), pageSize: Wire.pageSize,
@@ -80,7 +89,7 @@ extension OutgoingMigration {
         let stopNanos = Sys.monotonicNanos()
         try advance(.converged)
         let before = ch.bytesWritten
-        try machine.vm.collectDirtyLog(slot: Machine.ramSlot, into: toSend)
+        try machine.vm.collectDirtyLog(machine.ram, into: toSend)
         header.removeAll()
         header.ramSectionBegin(.end, id: Self.ramSectionID)
         try ch.write(header)
@@ -88,8 +97,7 @@ extension OutgoingMigration {
         _ = try sendPages(ch, limited: false)
         header.removeAll()
         header.ramSectionEnd(id: Self.ramSectionID)
-        header.deviceSection(id: Self.cpuSectionID, name: Wire.cpuSectionName, version: Wire.cpuSectionVersion,
-                             blob: try machine.vcpu.saveState().encoded())
+        try appendDeviceState(to: &header)
         header.eof()
         try ch.write(header)
         try ch.flush()
@@ -102,7 +110,7 @@ extension OutgoingMigration {
         }
         try ch.finishOutput() // exec: the command consumed everything; file: on disk
         let end = Sys.monotonicNanos()
-        try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // the migration is done; a stale log costs nothing
+        try? machine.vm.setDirtyLogging(machine.ram, false) // the migration is done; a stale log costs nothing
         host.setRunState(.postmigrate)
         try advance(.finished) {
             $0.downtimeMs = (end - stopNanos) / 1_000_000

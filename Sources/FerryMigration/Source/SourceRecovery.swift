@@ -47,7 +47,7 @@ extension OutgoingMigration {
             } catch let never as DestinationNeverRan {
                 closeChannels(newChannel)
                 lock.withLock { channel = nil }
-                try? machine.vm.setDirtyLogging(slot: Machine.ramSlot, false) // the migration ends here; the log is not needed
+                try? machine.vm.setDirtyLogging(machine.ram, false) // the migration ends here; the log is not needed
                 throw never
             } catch {
                 closeChannels(newChannel)
