@@ -41,14 +41,14 @@ public final class FerryProcess: @unchecked Sendable {
 
     /// The same guest under QEMU (`qemu-system-x86_64`, KVM), for side-by-side numbers: the
     /// test guest image of that RAM size (or `image`), serial to a file, QMP on a socket.
-    public convenience init(qemuDirectory directory: String, name: String, memory: Int, image: String?, incoming: Bool, namespace: String? = nil) throws {
+    public convenience init(qemuDirectory directory: String, name: String, memory: Int, vcpus: Int = 1, image: String?, incoming: Bool, namespace: String? = nil) throws {
         var img = image ?? ""
         if image == nil {
             img = "\(directory)/\(name)-guest.img"
-            FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(memory: memory)))
+            FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(memory: memory, vcpus: vcpus)))
         }
         try self.init(directory: directory, name: name, program: "/usr/bin/qemu-system-x86_64", namespace: namespace) { qmp, serial in
-            ["-machine", "pc,accel=kvm", "-m", "\(memory >> 20)M", "-drive", "file=\(img),format=raw,if=ide",
+            ["-machine", "pc,accel=kvm", "-m", "\(memory >> 20)M", "-smp", "\(vcpus)", "-drive", "file=\(img),format=raw,if=ide",
              "-display", "none", "-vga", "none", "-nodefaults", "-serial", "file:\(serial)",
              "-qmp", "unix:\(qmp),server=on,wait=off"] + (incoming ? ["-incoming", "defer"] : [])
         }
@@ -97,19 +97,31 @@ public final class FerryProcess: @unchecked Sendable {
         return true
     }
 
-    /// Stops the guest, dumps its RAM with pmemsave and runs the memory check on it.
+    /// Stops the guest, dumps its RAM with pmemsave (one dump per part of `pc.ram`, on
+    /// each side of the hole below 4 GiB, mapped back to back as the block's offsets) and
+    /// runs the memory check on it.
     public func checkMemory(size: Int, vcpus: Int = 1, scratch: String) throws -> TestGuestChecker.Report {
         try qmp.execute("stop")
-        try qmp.execute("pmemsave", ["val": 0, "size": size, "filename": scratch])
-        defer { unlink(scratch) }
-        let fd = open(scratch, O_RDONLY)
-        guard fd >= 0 else { throw SysError(errno: errno, call: "open(\(scratch))") }
-        defer { close(fd) }
-        let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
-        guard p != MAP_FAILED, let p else { throw SysError(errno: errno, call: "mmap(\(scratch))") }
-        defer { munmap(p, size) }
-        // pmemsave dumps guest-physical memory: the same as pc.ram's offsets below 3.5 GiB.
-        return TestGuestChecker(layout: TestGuestLayout(memory: size, vcpus: vcpus)).check(base: p, size: size)
+        let parts = GuestMemory.pcMappings(size: size)
+        let files = parts.indices.map { "\(scratch).\($0)" }
+        defer { for f in files { unlink(f) } }
+        for (m, f) in zip(parts, files) {
+            try qmp.execute("pmemsave", ["val": m.guestAddress, "size": m.length, "filename": f])
+        }
+        // One reserved range, each dump mapped over its part.
+        guard let base = mmap(nil, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), base != MAP_FAILED else {
+            throw SysError(errno: errno, call: "mmap(\(size))")
+        }
+        defer { munmap(base, size) }
+        for (m, f) in zip(parts, files) {
+            let fd = open(f, O_RDONLY)
+            guard fd >= 0 else { throw SysError(errno: errno, call: "open(\(f))") }
+            defer { close(fd) }
+            guard mmap(base + m.offset, m.length, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0) != MAP_FAILED else {
+                throw SysError(errno: errno, call: "mmap(\(f))")
+            }
+        }
+        return TestGuestChecker(layout: TestGuestLayout(memory: size, vcpus: vcpus)).check(base: base, size: size)
     }
 }
 
@@ -184,6 +196,10 @@ public struct MigrationRun: Codable, Sendable {
     /// After a cancelled migration: the source guest still runs and passes the memory check.
     public var sourceIntactAfterCancel: Bool?
     public var error: String?
+    /// The memory check's report (stripes, counters, ticks).
+    public var memoryCheck: String?
+    /// Destination: how far the guest clock moved across the switch-over (x-guest-clock-gap-us).
+    public var guestClockGapUs: Double?
 }
 
 /// Which VMM runs both ends of a scenario.
@@ -205,6 +221,7 @@ public struct PrecopyScenario: Sendable {
     public var transport = "tcp"
     /// TLS credentials directory (scripts/tls-creds.sh layout); nil = plain.
     public var tlsDirectory: String?
+    public var vcpus = 1
     public init(name: String, memory: Int, guestImage: String? = nil) { self.name = name; self.memory = memory; self.guestImage = guestImage }
 }
 
@@ -219,11 +236,12 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     var guestArgs: [String] = []
     if let g = scenario.guestImage { guestArgs = ["--guest", g] }
     let qemu = scenario.engine == .qemu
-    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: scenario.memory, image: scenario.guestImage, incoming: false)
-                   : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: ["--memory", String(scenario.memory)] + guestArgs)
+    let shape = ["--memory", String(scenario.memory), "--smp", String(scenario.vcpus)]
+    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: scenario.memory, vcpus: scenario.vcpus, image: scenario.guestImage, incoming: false)
+                   : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: shape + guestArgs)
     defer { src.terminate() }
-    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: scenario.memory, image: scenario.guestImage, incoming: true)
-                   : try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: ["--memory", String(scenario.memory), "--incoming", "defer"])
+    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: scenario.memory, vcpus: scenario.vcpus, image: scenario.guestImage, incoming: true)
+                   : try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: shape + ["--incoming", "defer"])
     defer { dst.terminate() }
     if scenario.guestImage == nil { src.waitForSerial(3, seconds: 60) } else { usleep(200_000) }
     let incoming = scenario.transport == "unix" ? "unix:\(directory)/migrate.sock" : "tcp:127.0.0.1:0"
@@ -267,13 +285,17 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     if run.status == "completed" && scenario.guestImage == nil {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)
-        run.memoryCheckPassed = try dst.checkMemory(size: scenario.memory, scratch: "\(directory)/dst-ram.bin").passed
+        let dinfo = try dst.qmp.execute("query-migrate") as? [String: Any] ?? [:]
+        run.guestClockGapUs = (dinfo["x-guest-clock-gap-us"] as? NSNumber)?.doubleValue
+        let report = try dst.checkMemory(size: scenario.memory, vcpus: scenario.vcpus, scratch: "\(directory)/dst-ram.bin")
+        run.memoryCheckPassed = report.passed
+        run.memoryCheck = report.description
     }
     if run.status == "cancelled" && scenario.guestImage == nil {
         let status = try src.qmp.execute("query-status") as? [String: Any]
         let before = src.serialBytes
         let running = status?["status"] as? String == "running" && src.waitForSerial(before + 1, seconds: 30)
-        run.sourceIntactAfterCancel = try running && src.checkMemory(size: scenario.memory, scratch: "\(directory)/src-ram.bin").passed
+        run.sourceIntactAfterCancel = try running && src.checkMemory(size: scenario.memory, vcpus: scenario.vcpus, scratch: "\(directory)/src-ram.bin").passed
     }
     return run
 }

@@ -10,6 +10,7 @@ public struct PostcopyScenario: Sendable {
     public var engine: Engine = .ferry
     public var name: String
     public var memory: Int
+    public var vcpus = 1
     /// max-bandwidth and max-postcopy-bandwidth, bytes/s (0 = unlimited).
     public var bandwidth: UInt64 = 125_000_000
     public var preempt = false
@@ -84,6 +85,12 @@ public struct PostcopyRun: Codable, Sendable {
     public var bitmapBytes: UInt64?
     public var pagesResent: UInt64?
     public var memoryCheckPassed: Bool?
+    public var memoryCheck: String?
+    public var guestClockGapUs: Double?
+    /// Per vCPU: time it waited for pages (postcopy-vcpu-blocktime), ms.
+    public var vcpuBlocktimeMs: [UInt64]?
+    /// Page requests sent twice for one page (0 when concurrent faults are de-duplicated).
+    public var requestsRepeated: Int?
     public var error: String?
 }
 
@@ -92,12 +99,12 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     mkdir(directory, 0o700)
     let link = sc.netns ? try VethLink(rate: sc.tcRate) : nil
     defer { link?.teardown() }
-    let mem = ["--memory", String(sc.memory)]
+    let mem = ["--memory", String(sc.memory), "--smp", String(sc.vcpus)]
     let qemu = sc.engine == .qemu
-    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: sc.memory, image: nil, incoming: false, namespace: link?.sourceNamespace)
+    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: sc.memory, vcpus: sc.vcpus, image: nil, incoming: false, namespace: link?.sourceNamespace)
                    : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: mem, namespace: link?.sourceNamespace)
     defer { src.terminate() }
-    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: sc.memory, image: nil, incoming: true, namespace: link?.destinationNamespace)
+    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: sc.memory, vcpus: sc.vcpus, image: nil, incoming: true, namespace: link?.destinationNamespace)
                    : try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: mem + ["--incoming", "defer"],
                                       namespace: link?.destinationNamespace)
     defer { dst.terminate() }
@@ -217,12 +224,15 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
                           downtimeMs: info["downtime"].map { qmpNumber($0) }, autoSwitched: (ram["x-auto-postcopy"] as? Bool) ?? false,
                           requests: qmpNumber(ram["postcopy-requests"]), error: info["error-desc"] as? String)
     if let b = dinfo["postcopy-blocktime"] { run.blocktimeMs = qmpNumber(b) } // QEMU reports it too
+    run.vcpuBlocktimeMs = (dinfo["postcopy-vcpu-blocktime"] as? [Any])?.map { qmpNumber($0) }
+    run.guestClockGapUs = (dinfo["x-guest-clock-gap-us"] as? NSNumber)?.doubleValue
     run.latencyDistribution = (dinfo["postcopy-latency-dist"] as? [Any])?.map { qmpNumber($0) }
     if let lat = dinfo["x-postcopy-fault-latency"] as? [String: Any] {
         run.faults = Int(qmpNumber(lat["faults"]))
         run.latencyP50Us = (lat["p50-us"] as? NSNumber)?.doubleValue
         run.latencyP99Us = (lat["p99-us"] as? NSNumber)?.doubleValue
         run.latencyMaxUs = (lat["max-us"] as? NSNumber)?.doubleValue
+        run.requestsRepeated = (lat["requests-repeated"] as? NSNumber)?.intValue
         run.latencyMeanUs = Double(qmpNumber(dinfo["postcopy-latency"])) / 1000
         run.latencyDistribution = (dinfo["postcopy-latency-dist"] as? [Any])?.map { qmpNumber($0) }
     }
@@ -262,7 +272,9 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     if run.status == "completed" {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)
-        run.memoryCheckPassed = try dst.checkMemory(size: sc.memory, scratch: "\(directory)/dst-ram.bin").passed
+        let report = try dst.checkMemory(size: sc.memory, vcpus: sc.vcpus, scratch: "\(directory)/dst-ram.bin")
+        run.memoryCheckPassed = report.passed
+        run.memoryCheck = report.description
     }
     return run
 }

@@ -74,12 +74,21 @@ extension Machine {
             try vm.restorePIT(pit)
             for (v, (cpu, lapic)) in zip(vcpus, cpus) { try v.restoreState(cpu, lapic: lapic) }
             try serial.restoreState(serialState)
-            try vm.setClock(nanos: clock.reduce(0) { $0 << 8 | UInt64($1) })
+            let nanos = clock.reduce(0) { $0 << 8 | UInt64($1) }
+            try vm.setClock(nanos: nanos)
+            core.restoredClock(nanos)
         } catch let e as MachineError {
             throw e
         } catch {
             throw MachineError(.state, "cannot restore the device state", cause: error)
         }
+    }
+
+    /// After `restoreDevices` and `start`: how far the guest clock moved past the value the
+    /// source stopped it at, in µs (nil if no state was restored).
+    public func guestClockGapUs() -> Double? {
+        guard let from = core.restoredClockNanos, let now = try? vm.clockNanos() else { return nil }
+        return (Double(now) - Double(from)) / 1000
     }
 
     static func be64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(v >> UInt64(56 - 8 * $0) & 0xff) } }

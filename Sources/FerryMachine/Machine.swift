@@ -92,7 +92,8 @@ public final class Machine: @unchecked Sendable {
 }
 
 /// Ownership: the devices are immutable references; `threads`, `tids`, `pauseRequested`,
-/// `quitRequested`, `parked`, `_state`, `_error`, `_unhandledIO` are guarded by `monitor`;
+/// `quitRequested`, `parked`, `_state`, `_error`, `_unhandledIO`, `_restoredClock` are guarded
+/// by `monitor`;
 /// `onGuestStop` is set before the vCPU threads start and only read after.
 final class MachineCore: @unchecked Sendable {
 
@@ -116,8 +117,12 @@ final class MachineCore: @unchecked Sendable {
     private var _unhandledIO = 0
 
     var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)?
+    private var _restoredClock: UInt64?
 
     var ram: RAMBlock { memory.blocks[0] }
+
+    func restoredClock(_ nanos: UInt64) { monitor.withLock { _restoredClock = nanos } }
+    var restoredClockNanos: UInt64? { monitor.withLock { _restoredClock } }
 
     init(memorySize: Int, vcpuCount: Int, serial sink: SerialSink, kvm: Kvm?) throws(MachineError) {
         guard memorySize >= 2 << 20 else {

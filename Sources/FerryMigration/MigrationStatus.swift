@@ -120,6 +120,10 @@ public struct MigrationStats: Sendable {
     public var faults: PostcopyFaultReport?
     public var errorDescription: String?
     public var socketAddress: MigrationURI?
+    /// Destination: how far the guest's kvmclock moved between the source stopping the
+    /// guest (the clock it sent) and the guest running here (read right after start), µs.
+    /// The guest's clock stands still through the downtime; this is what it lost or gained.
+    public var guestClockGapUs: Double?
     /// The TLS protocol and cipher of the last channel opened, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384".
     public var tls: String?
 

@@ -130,8 +130,10 @@ enum QMPCommands {
             r["postcopy-vcpu-blocktime"] = f.vcpuBlocktimeMs
             r["postcopy-latency"] = f.latencyNs
             r["postcopy-latency-dist"] = f.distribution
-            r["x-postcopy-fault-latency"] = ["faults": f.faults, "vcpu-faults": f.vcpuFaults, "p50-us": f.p50Us, "p99-us": f.p99Us, "max-us": f.maxUs] as [String: Any]
+            r["x-postcopy-fault-latency"] = ["faults": f.faults, "vcpu-faults": f.vcpuFaults, "p50-us": f.p50Us, "p99-us": f.p99Us, "max-us": f.maxUs,
+                                             "requests-repeated": f.requestsRepeated] as [String: Any]
         }
+        if let g = s.guestClockGapUs { r["x-guest-clock-gap-us"] = g }
         if s.postcopyPauses > 0 || s.recoveryAttempts > 0 {
             var rec: [String: Any] = ["pauses": s.postcopyPauses, "recoveries": s.recoveries, "attempts": s.recoveryAttempts,
                                       "paused-ms": s.pausedMs, "bitmap-bytes": s.bitmapBytes, "pages-resent": s.pagesResent]

@@ -12,12 +12,17 @@ import Testing
 let testTimeScale: UInt64 = ProcessInfo.processInfo.environment["FERRY_TEST_TIME_SCALE"].flatMap { UInt64($0) }.map { max(1, $0) } ?? 1
 
 /// A test's wait, scaled for sanitizers.
+/// vCPUs of the tests' machines unless a test says otherwise.
+let testVCPUs = 2
+
 func scaled(_ seconds: Double) -> Double { seconds * Double(testTimeScale) }
 
 extension VMHost {
     /// A VM host for a test: the test guest's machine, heartbeats scaled for sanitizers.
-    static func forTest(memory: Int, incoming: Bool) throws -> VMHost {
-        let h = VMHost(machine: try Machine(memorySize: memory), incoming: incoming)
+    /// Every migration test runs an SMP guest: concurrent faults, halted vCPUs and
+    /// interrupts at the switch-over happen in all of them.
+    static func forTest(memory: Int, vcpus: Int = testVCPUs, incoming: Bool) throws -> VMHost {
+        let h = VMHost(machine: try Machine(memorySize: memory, vcpus: vcpus), incoming: incoming)
         if testTimeScale > 1 { h.setParameters { $0.heartbeatTimeout *= testTimeScale; $0.downtimeLimit *= testTimeScale } }
         return h
     }

@@ -12,9 +12,9 @@ struct Pair {
     let source: VMHost
     let destination: VMHost
 
-    init(memory: Int = 64 << 20) throws {
-        source = try VMHost.forTest(memory: memory, incoming: false)
-        destination = try VMHost.forTest(memory: memory, incoming: true)
+    init(memory: Int = 64 << 20, vcpus: Int = testVCPUs) throws {
+        source = try VMHost.forTest(memory: memory, vcpus: vcpus, incoming: false)
+        destination = try VMHost.forTest(memory: memory, vcpus: vcpus, incoming: true)
         try source.boot(image: nil)
         #expect(waitForPasses(source.machine, 2))
     }

@@ -144,6 +144,8 @@ final class IncomingMigration: @unchecked Sendable {
             case .precopy(let devices):
                 try machine.restoreDevices(devices)
                 try machine.start()
+                let gap = machine.guestClockGapUs()
+                updateStats { $0.guestClockGapUs = gap }
                 host.setRunState(.running)
                 host.emit(.resume)
                 returnPath.send { $0.rpShut(0) }

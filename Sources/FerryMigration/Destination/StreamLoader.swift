@@ -138,6 +138,8 @@ extension IncomingMigration {
                 guard !devices.isEmpty else { throw MigrationError(.protocolError, "POSTCOPY_RUN before the device state") }
                 try machine.restoreDevices(devices)
                 try machine.start()
+                let gap = machine.guestClockGapUs()
+                updateStats { $0.guestClockGapUs = gap }
                 host.setRunState(.running)
                 host.emit(.resume)
                 // The guest runs here now: tell the source (its downtime ends; it may no
