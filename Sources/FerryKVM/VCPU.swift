@@ -114,3 +114,28 @@ public final class VCPU: @unchecked Sendable {
         try setRegs(r)
     }
 }
+
+extension VCPU {
+    /// 64-bit mode with paging at `cr3`, flat segments `code`/`data` of the GDT at `gdt`,
+    /// interrupts off: where a 64-bit boot protocol hands over (Linux: rsi = boot_params).
+    public func enterLongMode(rip: UInt64, rsi: UInt64, cr3: UInt64, gdt: UInt64, gdtLimit: UInt16, code: UInt16, data: UInt16) throws(KVMError) {
+        var s = try getSregs()
+        var cs = kvm_segment()
+        cs.base = 0; cs.limit = 0xffff_ffff; cs.selector = code; cs.type = 0xb; cs.present = 1; cs.dpl = 0; cs.db = 0; cs.s = 1; cs.l = 1; cs.g = 1
+        var ds = cs
+        ds.selector = data; ds.type = 0x3; ds.l = 0; ds.db = 1
+        s.cs = cs
+        s.ds = ds; s.es = ds; s.fs = ds; s.gs = ds; s.ss = ds
+        s.gdt.base = gdt; s.gdt.limit = gdtLimit
+        s.cr3 = cr3
+        s.cr4 |= 0x20                  // PAE
+        s.cr0 |= 0x8000_0001           // PG, PE
+        s.efer |= 0x500                // LME, LMA
+        try setSregs(s)
+        var r = kvm_regs()
+        r.rip = rip
+        r.rsi = rsi
+        r.rflags = 2
+        try setRegs(r)
+    }
+}

@@ -75,18 +75,28 @@ public final class Machine: @unchecked Sendable {
     public func pause() { _ = core.pause(timeoutNanos: nil) }
     /// As `pause()`, but gives up waiting after `timeoutNanos` (a vCPU blocked in the kernel
     /// on a missing postcopy page parks only once the page arrives). True when parked.
-    /// `kick: false` leaves a vCPU blocked in the kernel alone (a signal makes KVM retry a
-    /// userfaultfd fault in a busy loop until the page arrives); it parks at its next exit.
-    public func pause(timeoutNanos: UInt64, kick: Bool = true) -> Bool { core.pause(timeoutNanos: timeoutNanos, kick: kick) }
-    /// After a `pause` that timed out: waits until every vCPU parks. False when the pause
-    /// was cancelled by `resume` or the vCPU threads ended.
-    public func waitUntilParked() -> Bool { core.waitUntilParked() }
+    /// `kick` says which vCPUs to kick out of the kernel (by index); one left alone (a signal
+    /// makes KVM retry a userfaultfd fault in a busy loop until the page arrives) parks at
+    /// its next exit or when kicked later (`kickUnparked`).
+    public func pause(timeoutNanos: UInt64, kick: @escaping (Int) -> Bool = { _ in true }) -> Bool {
+        core.pause(timeoutNanos: timeoutNanos, kick: kick)
+    }
+    /// After a `pause` that timed out: waits until every vCPU parks, up to `timeoutNanos`.
+    /// False when the pause was cancelled by `resume`, the vCPU threads ended, or time ran out.
+    public func waitUntilParked(timeoutNanos: UInt64? = nil) -> Bool { core.waitUntilParked(timeoutNanos: timeoutNanos) }
+    /// During a pause: kicks the vCPUs not parked yet for which `which` says yes (a halted
+    /// vCPU sleeps in the kernel and exits only when kicked).
+    public func kickUnparked(_ which: (Int) -> Bool) { core.kickUnparked(which) }
+    /// Whether vCPU `index` is parked in a pause.
+    public func isParked(_ index: Int) -> Bool { core.isParked(index) }
     /// Each vCPU thread's kernel thread id (userfaultfd reports it with each fault), by
     /// vCPU index; 0 before start.
     public var vcpuThreadIDs: [UInt32] { core.vcpuThreadIDs }
     /// Lets the guest run again after `pause()`.
     public func resume() { core.resume() }
     public var isPaused: Bool { core.isPaused }
+    /// A pause was asked for and not cancelled (the vCPUs may not all be parked yet).
+    public var pauseRequested: Bool { core.isPauseRequested }
     /// Ends the vCPU threads for good.
     public func stop() { core.stop() }
 }
@@ -218,14 +228,18 @@ final class MachineCore: @unchecked Sendable {
         if let failure { stop(); throw failure }
     }
 
-    private func kickAll() {
-        let ts = monitor.withLock { threads }
-        for t in ts { t.kick(Machine.kickSignal) }
+    private func kickAll() { kickUnparked { _ in true } }
+
+    func kickUnparked(_ which: (Int) -> Bool) {
+        let ts: [(Int, KernelThread)] = monitor.withLock { threads.enumerated().filter { !parked[$0.offset] }.map { ($0.offset, $0.element) } }
+        for (i, t) in ts where which(i) { t.kick(Machine.kickSignal) }
     }
+
+    func isParked(_ index: Int) -> Bool { monitor.withLock { parked[index] } }
 
     /// Stops the guest and waits until every vCPU thread is parked with no pending I/O.
     /// Safe to call from any thread, repeatedly.
-    func pause(timeoutNanos: UInt64?, kick: Bool = true) -> Bool {
+    func pause(timeoutNanos: UInt64?, kick: (Int) -> Bool = { _ in true }) -> Bool {
         let deadline = timeoutNanos.map { Sys.monotonicNanos() + $0 }
         monitor.withLock {
             guard !threads.isEmpty, !quitRequested else { return }
@@ -233,7 +247,7 @@ final class MachineCore: @unchecked Sendable {
             pauseRequested = true
             monitor.broadcast()
         }
-        if kick { kickAll() }
+        kickUnparked(kick)
         return monitor.withLock {
             while !allParked && !quitRequested && !threads.isEmpty {
                 if let deadline, Sys.monotonicNanos() >= deadline { break }
@@ -246,9 +260,13 @@ final class MachineCore: @unchecked Sendable {
         }
     }
 
-    func waitUntilParked() -> Bool {
-        monitor.withLock {
-            while pauseRequested && !allParked && !quitRequested && !threads.isEmpty { monitor.wait(timeoutNanos: 100_000_000) }
+    func waitUntilParked(timeoutNanos: UInt64?) -> Bool {
+        let deadline = timeoutNanos.map { Sys.monotonicNanos() + $0 }
+        return monitor.withLock {
+            while pauseRequested && !allParked && !quitRequested && !threads.isEmpty {
+                if let deadline, Sys.monotonicNanos() >= deadline { break }
+                monitor.wait(timeoutNanos: 10_000_000)
+            }
             return pauseRequested && allParked && !quitRequested
         }
     }
@@ -264,6 +282,7 @@ final class MachineCore: @unchecked Sendable {
     }
 
     var isPaused: Bool { monitor.withLock { pauseRequested && allParked } }
+    var isPauseRequested: Bool { monitor.withLock { pauseRequested } }
 
     func stop() {
         let ts: [KernelThread] = monitor.withLock {

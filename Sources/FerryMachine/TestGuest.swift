@@ -102,7 +102,8 @@ public enum TestGuest {
 /// - the stripe's value is the vCPU's own pass count, or one more while a pass is under way;
 /// - the shared total (incremented with `lock inc`) is the sum of the per-vCPU counts, less
 ///   at most one per vCPU (counted in its own counter, not yet in the total);
-/// - no exception was taken; the PIT ticks agree with the guest's TSC (`tscKHz`).
+/// - no exception was taken; the PIT ticks never run ahead of the guest's TSC (`tscKHz`),
+///   and the TSC never goes back.
 /// Any other difference is a lost, stale or duplicated page.
 public struct TestGuestChecker: Sendable {
     public let layout: TestGuestLayout
@@ -191,10 +192,10 @@ public struct TestGuestChecker: Sendable {
                 let expected = Double(last - first) / (Double(khz) * 1000) * TestGuestLayout.pitHz
                 r.pitTicksExpected = expected
                 // More ticks than time passed means a timer ran twice or the TSC stood still
-                // while the PIT ran; far fewer, that the TSC jumped or the timer stopped.
-                // (KVM re-injects ticks a busy host delayed, so they may lag, not run ahead.)
+                // while the PIT ran. Fewer is no error: on a busy host ticks coalesce (KVM's
+                // PIT delivers a late tick once), so the count lags the clock.
                 let seen = Double(r.pitTicks)
-                if seen > expected * 1.05 + 2 || expected > 20 && seen < expected * 0.5 {
+                if seen > expected * 1.05 + 2 {
                     r.problem("PIT ticks \(Int(seen)) disagree with the guest's TSC (\(Int(expected.rounded())) ticks of time)", limit: maxReported)
                 }
             }

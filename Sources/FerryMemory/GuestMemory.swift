@@ -74,6 +74,19 @@ public final class RAMBlock: @unchecked Sendable {
         host + index << targetPageShift
     }
 
+    /// The pages that have memory behind them (resident or swapped). Every other page has
+    /// never been touched since the mapping was made, so it reads as zero without a read
+    /// (which would fault it in). Guest writes after this call are for the dirty log to see.
+    public func populatedPages() throws(MemoryError) -> PageBitmap {
+        let b = PageBitmap(bitCount: pageCount)
+        do {
+            try Sys.forEachPopulatedPage(address: host, pages: pageCount) { b.set($0) }
+        } catch {
+            throw MemoryError(.mapFailed, "cannot read which pages of RAM block \(name) are populated", cause: error)
+        }
+        return b
+    }
+
     public func contains(offset: UInt64, count: Int) -> Bool {
         count >= 0 && offset <= UInt64(length) && UInt64(count) <= UInt64(length) - offset
     }

@@ -191,14 +191,18 @@ public final class VMHost: @unchecked Sendable {
     public func stop() -> StopOutcome {
         guard runState == .running else { return .alreadyStopped }
         // A signal makes KVM retry a userfaultfd fault in a busy loop until the page arrives:
-        // while postcopy is paused (no page may come for a long time) the vCPU is asked to
-        // stop at its next exit instead of kicked. While pages flow, the kick parks it as
-        // soon as its page is in.
-        let pagesStalled: Bool = lock.withLock {
-            guard let s = incoming?.status else { return false }
-            return s == .postcopyPaused || s == .postcopyRecover
+        // while postcopy is paused (no page may come for a long time) a vCPU waiting on a
+        // page is not kicked; the others are (a halted vCPU leaves the kernel only then).
+        // While pages flow, the kick parks each as soon as its page is in.
+        let stalled: @Sendable () -> Set<Int> = { [weak self] in
+            guard let self else { return [] }
+            return self.lock.withLock {
+                guard let i = self.incoming, i.status == .postcopyPaused || i.status == .postcopyRecover else { return [] }
+                return i.faults.waitingVCPUs
+            }
         }
-        if machine.pause(timeoutNanos: 500_000_000, kick: !pagesStalled) {
+        let waiting = stalled()
+        if machine.pause(timeoutNanos: 500_000_000, kick: { !waiting.contains($0) }) {
             setRunState(.paused)
             emit(.stop)
             return .stopped
@@ -207,7 +211,15 @@ public final class VMHost: @unchecked Sendable {
         if first {
             do {
                 try KernelThread.detached(name: "vm/stop") { [weak self, machine] in
-                    let parked = machine.waitUntilParked()
+                    // A vCPU whose page arrived runs on, or sleeps halted in the kernel: kick
+                    // it once it no longer waits on a page.
+                    var parked = false
+                    while !parked {
+                        parked = machine.waitUntilParked(timeoutNanos: 20_000_000)
+                        if parked || !machine.pauseRequested { break }
+                        let w = stalled()
+                        machine.kickUnparked { !w.contains($0) }
+                    }
                     guard let self else { return }
                     let still: Bool = self.lock.withLock { defer { self.stopPending = false }; return self.stopPending }
                     guard parked, still, self.runState == .running else { return }

@@ -92,6 +92,27 @@ public enum Sys {
         return p!
     }
 
+    /// For each page of `[address, address + pages * 4096)` of this process's memory, whether a
+    /// page backs it (present in RAM or in swap: /proc/self/pagemap bits 63 and 62). A page
+    /// with neither was never touched (or was discarded) and reads as zero. `body` gets each
+    /// populated page's index.
+    public static func forEachPopulatedPage(address: UnsafeRawPointer, pages: Int, _ body: (Int) -> Void) throws(SysError) {
+        let fd = try libc("open(/proc/self/pagemap)") { Int(Glibc.open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)) }
+        defer { Glibc.close(Int32(fd)) }
+        let chunk = 1 << 16
+        let entries = UnsafeMutablePointer<UInt64>.allocate(capacity: chunk)
+        defer { entries.deallocate() }
+        let first = Int(bitPattern: address) >> 12
+        var done = 0
+        while done < pages {
+            let n = min(chunk, pages - done)
+            let got = try libc("pread(pagemap)") { Glibc.pread(Int32(fd), entries, n * 8, off_t((first + done) * 8)) }
+            guard got == n * 8 else { throw SysError(errno: EIO, call: "pread(pagemap): \(got) of \(n * 8) bytes") }
+            for k in 0..<n where entries[k] & (3 << 62) != 0 { body(done + k) }
+            done += n
+        }
+    }
+
     public static func mmapShared(fd: Int32, size: Int) throws(SysError) -> UnsafeMutableRawPointer {
         let p = Glibc.mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         if p == MAP_FAILED || p == nil { throw SysError(errno: Glibc.errno, call: "mmap(fd \(fd))") }

@@ -104,6 +104,16 @@ struct Run: ParsableCommand {
     @Option(help: "A raw disk image whose first sector is a boot sector. Default: the built-in test guest.")
     var guest: String?
 
+    @Option(help: "Boot a Linux bzImage (64-bit boot protocol) instead of a disk image.")
+    var kernel: String?
+
+    @Option(help: "With --kernel: an initrd / initramfs image.")
+    var initrd: String?
+
+    @Option(help: "With --kernel: the kernel command line.")
+    var append: String = "console=ttyS0 earlyprintk=ttyS0"
+
+
     @Option(help: "Where guest serial (COM1) output goes: stdio, none, or a file path.")
     var serial: SerialSink = .stdout
 
@@ -147,7 +157,9 @@ struct Run: ParsableCommand {
             if let incoming {
                 if incoming != "defer" { try host.migrateIncoming(uri: incoming) }
             } else {
-                if let guest { try machine.loadBootSector(try readFile(guest)) } else { try machine.loadTestGuest() }
+                if let kernel {
+                    try machine.loadLinux(kernel: try readFile(kernel), initrd: try initrd.map(readFile), commandLine: append)
+                } else if let guest { try machine.loadBootSector(try readFile(guest)) } else { try machine.loadTestGuest() }
                 if !paused { try host.cont() }
             }
             machine.onGuestStop = { state, message in

@@ -24,8 +24,8 @@ struct ProxiedPair {
     let sourceStatuses = Recorder<MigrationStatus>()
     let destinationStatuses = Recorder<MigrationStatus>()
 
-    init(memory: Int = 64 << 20, autoRecover: Bool = true, preempt: Bool = false, heartbeatMs: UInt64 = 500, tls: TLSFixture.Kind? = nil) throws {
-        pair = try Pair(memory: memory)
+    init(memory: Int = 64 << 20, vcpus: Int = testVCPUs, autoRecover: Bool = true, preempt: Bool = false, heartbeatMs: UInt64 = 500, tls: TLSFixture.Kind? = nil) throws {
+        pair = try Pair(memory: memory, vcpus: vcpus)
         if let tls { try TLSFixture.install(tls, source: pair.source, destination: pair.destination) }
         var caps: [(MigrationCapability, Bool)] = [(.postcopyRAM, true), (.postcopyBlocktime, true)]
         if autoRecover { caps.append((.autoRecover, true)) }

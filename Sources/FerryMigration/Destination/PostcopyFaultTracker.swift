@@ -99,6 +99,9 @@ final class PostcopyFaultTracker: @unchecked Sendable {
 
     var hasPending: Bool { lock.withLock { !pending.isEmpty } }
 
+    /// The vCPUs waiting on a missing page right now.
+    var waitingVCPUs: Set<Int> { lock.withLock { Set(waiting.keys) } }
+
     func report(samples: Bool = false) -> PostcopyFaultReport {
         let (lat, vf, perVCPU, all, dist, sent, distinct) = lock.withLock {
             let now = Sys.monotonicNanos()

@@ -18,6 +18,9 @@ extension IncomingMigration {
     func load(_ ch: MigrationChannel) throws -> LoadResult {
         let decoder = StreamDecoder(source: ch, layout: layout, devices: Machine.deviceSectionVersions)
         try decoder.readFileHeader()
+        // Pages with nothing behind them read as zero: a ZERO record for one needs no write
+        // (and no read, which would fault it in).
+        let populated = try machine.memory.blocks.map { try $0.populatedPages() }
         var devices: [DeviceSection] = []
         var sawRAMSetup = false
         while true {
@@ -31,7 +34,7 @@ extension IncomingMigration {
             case .section(let h) where h.name == Wire.ramSectionName:
                 if h.type == .start { sawRAMSetup = true }
                 guard sawRAMSetup else { throw WireError(.badSectionID, "RAM pages before the RAM setup section") }
-                try loadRAM(decoder, ch)
+                try loadRAM(decoder, ch, populated: populated)
                 try decoder.readFooter(expecting: h.id)
             case .section(let h):
                 // validated by the decoder: a device section this machine has
@@ -99,7 +102,7 @@ extension IncomingMigration {
         }
     }
 
-    private func loadRAM(_ decoder: StreamDecoder, _ ch: MigrationChannel) throws {
+    private func loadRAM(_ decoder: StreamDecoder, _ ch: MigrationChannel, populated: [PageBitmap]) throws {
         let blocks = machine.memory.blocks
         while true {
             switch try decoder.nextRAMRecord() {
@@ -111,10 +114,15 @@ extension IncomingMigration {
                 received.set(Int(offset >> UInt64(Wire.pageShift)))
             case let .zero(b, offset):
                 let p = blocks[b].host + Int(offset)
+                let page = Int(offset >> UInt64(Wire.pageShift))
                 // With postcopy ahead, a zero page must be populated: a page marked received
                 // but missing would fault later and never be asked for (QEMU 10.1's fix).
-                if postcopyAdvised || ferry_page_is_zero(p) == 0 { p.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.pageSize) }
-                received.set(Int(offset >> UInt64(Wire.pageShift)))
+                if postcopyAdvised {
+                    p.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.pageSize)
+                } else if populated[b].test(page) || received.test(page), ferry_page_is_zero(p) == 0 {
+                    p.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.pageSize)
+                }
+                received.set(page)
             }
         }
     }

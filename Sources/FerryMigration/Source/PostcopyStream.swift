@@ -13,7 +13,7 @@ extension OutgoingMigration {
         let stopNanos = Sys.monotonicNanos()
         try advance(.switchToPostcopy)
         reach(.postcopyStopped)
-        try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+        try collectDirtyPages()
         try? machine.vm.setDirtyLogging(machine.ram, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
         appendDiscards(to: &header)

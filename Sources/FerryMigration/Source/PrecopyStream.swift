@@ -62,7 +62,7 @@ extension OutgoingMigration {
 
             // End of a pass: collect what the guest dirtied meanwhile.
             let now = Sys.monotonicNanos()
-            try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+            try collectDirtyPages()
             let p = parameters
             let autoSwitch = capabilities.contains(.postcopyRAM) ? p.postcopyAutoSwitchPasses : 0
             let (verdict, pass) = policy.passEnded(now: now, sent: ch.bytesWritten, dirtyPages: UInt64(toSend.popcount()), pageSize: Wire.pageSize,
@@ -89,7 +89,7 @@ extension OutgoingMigration {
         let stopNanos = Sys.monotonicNanos()
         try advance(.converged)
         let before = ch.bytesWritten
-        try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+        try collectDirtyPages()
         header.removeAll()
         header.ramSectionBegin(.end, id: Self.ramSectionID)
         try ch.write(header)
@@ -121,6 +121,14 @@ extension OutgoingMigration {
         ch.close()
     }
 
+    /// Adds what the guest dirtied since the last collection to `toSend`. From here on a page
+    /// in `toSend` may have been written after `populatedAtStart` was read, so that
+    /// shortcut ends.
+    func collectDirtyPages() throws {
+        try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+        populatedAtStart = nil
+    }
+
     /// A PING every 250 ms on socket migrations (`PingSchedule`), queued in `header`.
     func pingIfDue() {
         if let v = pings.due(now: Sys.monotonicNanos()) { header.ping(v) }
@@ -139,9 +147,11 @@ extension OutgoingMigration {
         var batch = 0
         var normal: UInt64 = 0, duplicate: UInt64 = 0
         defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
+        let populated = populatedAtStart
         while let i = toSend.nextSet(from: cursor) {
             guard toSend.testAndClear(i) else { cursor = i + 1; continue }
-            if try PageRecord.send(ch, block, i, named: first, buffer: &header) { duplicate += 1 } else { normal += 1 }
+            let neverTouched = populated.map { !$0.test(i) } ?? false
+            if try PageRecord.send(ch, block, i, named: first, knownZero: neverTouched, buffer: &header) { duplicate += 1 } else { normal += 1 }
             first = false
             cursor = i + 1
             batch += 1
@@ -202,15 +212,16 @@ extension OutgoingMigration {
 
 /// One page on the wire: ZERO for an all-zero page, else PAGE with the page referenced
 /// straight from guest RAM (no copy). The block name goes with the first record of a
-/// section (later ones say CONTINUE).
+/// section (later ones say CONTINUE). `knownZero`: the page was never touched, so it is
+/// not read (reading would fault it in).
 enum PageRecord {
     /// Returns true for a zero page.
     @discardableResult
-    static func send(_ ch: MigrationChannel, _ block: RAMBlock, _ i: Int, named: Bool, buffer: inout WireBuffer) throws -> Bool {
+    static func send(_ ch: MigrationChannel, _ block: RAMBlock, _ i: Int, named: Bool, knownZero: Bool = false, buffer: inout WireBuffer) throws -> Bool {
         let page = block.page(i)
         buffer.removeAll()
         let offset = UInt64(i) << Wire.pageShift
-        if ferry_page_is_zero(page) != 0 {
+        if knownZero || ferry_page_is_zero(page) != 0 {
             buffer.ramRecord(offset: offset, flags: .zero, block: named ? block.name : nil)
             try ch.write(buffer)
             return true
