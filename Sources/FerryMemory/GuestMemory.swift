@@ -74,19 +74,6 @@ public final class RAMBlock: @unchecked Sendable {
         host + index << targetPageShift
     }
 
-    /// The pages that have memory behind them (resident or swapped). Every other page has
-    /// never been touched since the mapping was made, so it reads as zero without a read
-    /// (which would fault it in). Guest writes after this call are for the dirty log to see.
-    public func populatedPages() throws(MemoryError) -> PageBitmap {
-        let b = PageBitmap(bitCount: pageCount)
-        do {
-            try Sys.forEachPopulatedPage(address: host, pages: pageCount) { b.set($0) }
-        } catch {
-            throw MemoryError(.mapFailed, "cannot read which pages of RAM block \(name) are populated", cause: error)
-        }
-        return b
-    }
-
     public func contains(offset: UInt64, count: Int) -> Bool {
         count >= 0 && offset <= UInt64(length) && UInt64(count) <= UInt64(length) - offset
     }
@@ -157,5 +144,46 @@ public final class GuestMemory: @unchecked Sendable {
             throw MemoryError(.outOfRange, "guest address 0x\(String(gpa, radix: 16)) + \(count) is not RAM")
         }
         return Array(UnsafeRawBufferPointer(start: b.host + off, count: count))
+    }
+}
+
+/// Which pages of a RAM block have memory behind them (resident or swapped, from
+/// /proc/self/pagemap), read a chunk at a time when first asked about, so no single call
+/// stalls a migration thread on a large guest. A page without memory has never been touched
+/// (or was discarded): it reads as zero, and reading it would fault it in. A page written
+/// after its chunk was read is for the dirty log to report. Ownership: one thread uses it.
+public final class PopulatedPages {
+    public let block: RAMBlock
+    private let bits: PageBitmap
+    private var scanned: [Bool]
+    public static let chunkPages = 1 << 16
+
+    public init(_ block: RAMBlock) {
+        self.block = block
+        self.bits = PageBitmap(bitCount: block.pageCount)
+        self.scanned = Array(repeating: false, count: (block.pageCount + Self.chunkPages - 1) / Self.chunkPages)
+    }
+
+    /// False when the page is known to read as zero without reading it.
+    public func mayHoldData(_ page: Int) throws(MemoryError) -> Bool {
+        let c = page / Self.chunkPages
+        if !scanned[c] {
+            let first = c * Self.chunkPages
+            let count = min(Self.chunkPages, block.pageCount - first)
+            do {
+                try Sys.forEachPopulatedPage(address: block.page(first), pages: count) { bits.set(first + $0) }
+            } catch {
+                throw MemoryError(.mapFailed, "cannot read which pages of RAM block \(block.name) are populated", cause: error)
+            }
+            scanned[c] = true
+        }
+        return bits.test(page)
+    }
+
+    /// How many pages have memory behind them now (reads every chunk not yet read).
+    public func count() throws(MemoryError) -> Int {
+        var n = 0
+        for p in 0..<block.pageCount where try mayHoldData(p) { n += 1 }
+        return n
     }
 }

@@ -54,6 +54,11 @@ struct PrecopyTests {
         let statuses = events.values.compactMap { if case .status(let s) = $0 { s } else { nil } }
         #expect(statuses == [.setup, .active, .device, .completed])
         #expect(events.values.contains(.stop))
+        // QEMU's counting: the sync at setup is pass 1, each later sync (the switch-over's
+        // too) one more, and dirty-sync-count says how many there were.
+        let passes = events.values.compactMap { if case .pass(let n) = $0 { n } else { nil } }
+        #expect(passes.first == 1 && passes == Array(1...max(1, passes.count)), "\(passes)")
+        #expect(passes.count >= 2 && UInt64(passes.count) == stats.dirtySyncCount, "\(passes), dirty-sync-count \(stats.dirtySyncCount)")
         pair.expectDestinationRunsCorrectly()
     }
 

@@ -140,14 +140,16 @@ struct SMPTests {
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         // Untouched pages go as zero records without being read, on either side: neither
         // process ever holds much more than the touched 1 GiB.
-        src.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 2000 }
+        // About size, not convergence: a 1 GiB working set dirtied by two vCPUs converges or
+        // not by how busy the host is, so any downtime is accepted after the first pass.
+        src.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 60_000 }
         try src.migrate(uri: dst.queryMigrate().socketAddress!.description)
         #expect(src.waitForMigration(seconds: scaled(600)) == .completed, "\(src.queryMigrate().errorDescription ?? "")")
         #expect(dst.waitForMigration(seconds: scaled(30)) == .completed)
         // Neither side read (faulted in) a page the guest never touched.
         let slack = 16 << 20
         for (side, host) in [("source", src), ("destination", dst)] {
-            let populated = try host.machine.ram.populatedPages().popcount() * 4096
+            let populated = try PopulatedPages(host.machine.ram).count() * 4096
             #expect(populated <= touched + slack, "\(side): \(populated >> 20) MiB of RAM populated for \(touched >> 20) MiB touched")
         }
         #expect(waitForPasses(dst.machine, 2, seconds: 120))

@@ -20,7 +20,7 @@ extension IncomingMigration {
         try decoder.readFileHeader()
         // Pages with nothing behind them read as zero: a ZERO record for one needs no write
         // (and no read, which would fault it in).
-        let populated = try machine.memory.blocks.map { try $0.populatedPages() }
+        let populated = machine.memory.blocks.map { PopulatedPages($0) }
         var devices: [DeviceSection] = []
         var sawRAMSetup = false
         while true {
@@ -50,8 +50,21 @@ extension IncomingMigration {
                 try handleCommand(c, ch)
             case .eof:
                 guard !devices.isEmpty else { throw WireError(.truncated, "the stream ended without the device state") }
+                try checkVMDescription(decoder, devices)
                 return .precopy(devices)
             }
+        }
+    }
+
+    /// Reads the VM description after EOF (as QEMU's destination does, so the source's last
+    /// bytes are consumed) and checks it describes exactly the whole sections received.
+    private func checkVMDescription(_ decoder: StreamDecoder, _ devices: [DeviceSection]) throws {
+        guard let json = try decoder.readVMDescription() else { return }
+        let shape = machine.shape.encoded()
+        let expected = VMDescription(sections: [VMDescription.Section(name: MachineShape.sectionName, instance: 0, version: MachineShape.version, blobSize: shape.count)]
+            + devices.map { VMDescription.Section(name: $0.name, instance: $0.instance, version: $0.version, blobSize: $0.blob.count) })
+        guard json == expected.json else {
+            throw MigrationError(.protocolError, "the VM description after EOF does not describe the sections received (\(json.count) bytes)")
         }
     }
 
@@ -102,7 +115,7 @@ extension IncomingMigration {
         }
     }
 
-    private func loadRAM(_ decoder: StreamDecoder, _ ch: MigrationChannel, populated: [PageBitmap]) throws {
+    private func loadRAM(_ decoder: StreamDecoder, _ ch: MigrationChannel, populated: [PopulatedPages]) throws {
         let blocks = machine.memory.blocks
         while true {
             switch try decoder.nextRAMRecord() {
@@ -119,7 +132,7 @@ extension IncomingMigration {
                 // but missing would fault later and never be asked for (QEMU 10.1's fix).
                 if postcopyAdvised {
                     p.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.pageSize)
-                } else if populated[b].test(page) || received.test(page), ferry_page_is_zero(p) == 0 {
+                } else if try received.test(page) || populated[b].mayHoldData(page), ferry_page_is_zero(p) == 0 {
                     p.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.pageSize)
                 }
                 received.set(page)

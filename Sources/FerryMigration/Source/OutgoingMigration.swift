@@ -63,7 +63,7 @@ final class OutgoingMigration: @unchecked Sendable {
     var switchover = SwitchoverRecord()
     /// The pages that had memory behind them when the first pass began; nil once the dirty
     /// log has been collected (see `collectDirtyPages`).
-    var populatedAtStart: PageBitmap?
+    var populatedAtStart: PopulatedPages?
     var rpThread: KernelThread?
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
@@ -202,9 +202,10 @@ final class OutgoingMigration: @unchecked Sendable {
             let discard = PageBitmap(bitCount: block.pageCount)
             try machine.vm.collectDirtyLog(machine.ram, into: discard)
             toSend.setAll()
-            // Read after dirty logging is on: a page unpopulated now and written later is in
-            // the log, so the first pass may send it as zero without reading it.
-            populatedAtStart = try block.populatedPages()
+            countBitmapSync()
+            // Read (chunk by chunk) after dirty logging is on: a page unpopulated then and
+            // written later is in the log, so the first pass may send it as zero unread.
+            populatedAtStart = PopulatedPages(block)
             try advance(.setupSent) {
                 $0.setupTimeMs = Sys.nanosSince($0.startNanos) / 1_000_000
                 $0.remaining = UInt64(block.length)

@@ -34,11 +34,17 @@ extension OutgoingMigration {
         try ch.flush()
     }
 
-    /// Every device's state (the guest is stopped), one section each.
-    func appendDeviceState(to buffer: inout WireBuffer) throws {
+    /// Every device's state (the guest is stopped), one section each. Returns the whole
+    /// sections of the stream (the machine's shape first) for the VM description.
+    @discardableResult
+    func appendDeviceState(to buffer: inout WireBuffer) throws -> [VMDescription.Section] {
+        let shape = machine.shape.encoded()
+        var described = [VMDescription.Section(name: MachineShape.sectionName, instance: 0, version: MachineShape.version, blobSize: shape.count)]
         for (k, d) in try machine.saveDevices().enumerated() {
             buffer.deviceSection(id: Self.firstDeviceSectionID + UInt32(k), name: d.name, instance: d.instance, version: d.version, blob: d.blob)
+            described.append(VMDescription.Section(name: d.name, instance: d.instance, version: d.version, blobSize: d.blob.count))
         }
+        return described
     }
 
     /// Precopy passes until the policy says stop (or postcopy was asked for).
@@ -67,8 +73,7 @@ extension OutgoingMigration {
             let autoSwitch = capabilities.contains(.postcopyRAM) ? p.postcopyAutoSwitchPasses : 0
             let (verdict, pass) = policy.passEnded(now: now, sent: ch.bytesWritten, dirtyPages: UInt64(toSend.popcount()), pageSize: Wire.pageSize,
                                                    downtimeLimitMs: p.downtimeLimit, maxBandwidth: p.maxBandwidth, autoSwitchPasses: autoSwitch)
-            let syncCount: UInt64 = updateStats {
-                $0.dirtySyncCount += 1
+            updateStats {
                 $0.remaining = pass.remaining
                 $0.expectedDowntimeMs = pass.expectedDowntimeMs
                 $0.dirtyPagesRate = pass.dirtyPagesRate
@@ -76,9 +81,7 @@ extension OutgoingMigration {
                 $0.pagesPerSecond = pass.pagesPerSecond
                 $0.precopyBytes = ch.bytesWritten
                 if verdict == .switchToPostcopy { $0.autoSwitched = true }
-                return $0.dirtySyncCount
             }
-            host.emit(.pass(Int(syncCount)))
             if verdict != .anotherPass { return verdict }
         }
     }
@@ -97,8 +100,10 @@ extension OutgoingMigration {
         _ = try sendPages(ch, limited: false)
         header.removeAll()
         header.ramSectionEnd(id: Self.ramSectionID)
-        try appendDeviceState(to: &header)
+        let described = try appendDeviceState(to: &header)
         header.eof()
+        // As QEMU after a precopy: the description tools read (the destination checks it).
+        header.vmDescription(VMDescription(sections: described))
         try ch.write(header)
         try ch.flush()
         updateStats { $0.downtimeBytes = ch.bytesWritten - before; $0.remaining = 0 }
@@ -124,9 +129,21 @@ extension OutgoingMigration {
     /// Adds what the guest dirtied since the last collection to `toSend`. From here on a page
     /// in `toSend` may have been written after `populatedAtStart` was read, so that
     /// shortcut ends.
-    func collectDirtyPages() throws {
+    /// Counts as a bitmap sync as QEMU counts one (`dirty-sync-count`, `MIGRATION_PASS`).
+    @discardableResult
+    func collectDirtyPages() throws -> UInt64 {
         try machine.vm.collectDirtyLog(machine.ram, into: toSend)
         populatedAtStart = nil
+        return countBitmapSync()
+    }
+
+    /// One more bitmap sync: QEMU counts the one at setup too, so `dirty-sync-count` is 1
+    /// during the first pass and `MIGRATION_PASS` 2 marks the start of the second.
+    @discardableResult
+    func countBitmapSync() -> UInt64 {
+        let n: UInt64 = updateStats { $0.dirtySyncCount += 1; return $0.dirtySyncCount }
+        host.emit(.pass(Int(n)))
+        return n
     }
 
     /// A PING every 250 ms on socket migrations (`PingSchedule`), queued in `header`.
@@ -150,7 +167,7 @@ extension OutgoingMigration {
         let populated = populatedAtStart
         while let i = toSend.nextSet(from: cursor) {
             guard toSend.testAndClear(i) else { cursor = i + 1; continue }
-            let neverTouched = populated.map { !$0.test(i) } ?? false
+            let neverTouched = try populated.map { try !$0.mayHoldData(i) } ?? false
             if try PageRecord.send(ch, block, i, named: first, knownZero: neverTouched, buffer: &header) { duplicate += 1 } else { normal += 1 }
             first = false
             cursor = i + 1
