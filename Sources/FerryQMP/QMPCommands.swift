@@ -160,7 +160,7 @@ enum QMPCommands {
                 "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * UInt64(Wire.pageSize),
                 "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
                 "dirty-pages-rate": s.dirtyPagesRate, "page-size": Wire.pageSize, "precopy-bytes": s.precopyBytes,
-                "downtime-bytes": s.downtimeBytes, "postcopy-bytes": 0, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
+                "downtime-bytes": s.downtimeBytes, "postcopy-bytes": s.postcopyBytes, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
                 "x-auto-postcopy": s.autoSwitched,
             ] as [String: Any]
         }

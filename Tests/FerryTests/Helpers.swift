@@ -28,6 +28,22 @@ extension VMHost {
     }
 }
 
+/// Stops its VMs when the test that made it lets it go: a test's guests must not keep
+/// running (and taking the host's two cores) through the rest of the suite. The stop runs on
+/// its own thread: a vCPU left waiting for a postcopy page that never comes cannot hold up
+/// the test.
+final class StopsOnRelease: Sendable {
+    let hosts: [VMHost]
+    init(_ hosts: [VMHost]) { self.hosts = hosts }
+    deinit { stopInBackground(hosts) }
+}
+
+/// The same for a test's own `VMHost`s: `defer { stopInBackground([host]) }`.
+func stopInBackground(_ hosts: [VMHost]) {
+    let machines = hosts.map(\.machine)
+    Thread.detachNewThread { for m in machines { m.stop() } }
+}
+
 /// Polls `condition` every 5 ms until it holds or `seconds` pass; returns whether it held.
 func waitUntil(seconds: Double = 20, _ condition: () -> Bool) -> Bool {
     let deadline = Sys.monotonicNanos() + UInt64(scaled(seconds) * 1e9)

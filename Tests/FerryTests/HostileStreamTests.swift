@@ -10,6 +10,7 @@ import Testing
 struct HostileStreamTests {
     func feed(_ bytes: [UInt8]) throws -> (VMHost, MigrationStats) {
         let dst = try VMHost.forTest(memory: 4 << 20, incoming: true)
+        defer { stopInBackground([dst]) }
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         guard case let .tcp(_, port) = dst.queryMigrate().socketAddress! else { fatalError() }
         let fd = connectLoopback(port: port)
@@ -29,6 +30,7 @@ struct HostileStreamTests {
         // Not a migration stream at all (issue 12: a stray connection must not ruin a
         // waiting destination), so it no longer fails the migration.
         let dst = try VMHost.forTest(memory: 4 << 20, incoming: true)
+        defer { stopInBackground([dst]) }
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         guard case let .tcp(_, port) = dst.queryMigrate().socketAddress! else { fatalError() }
         let fd = connectLoopback(port: port)
@@ -77,8 +79,10 @@ struct HostileStreamTests {
     @Test("a destination whose RAM differs fails the migration; the source keeps running")
     func layoutMismatch() throws {
         let src = try VMHost.forTest(memory: 16 << 20, incoming: false)
+        defer { stopInBackground([src]) }
         try src.boot(image: nil)
         let dst = try VMHost.forTest(memory: 8 << 20, incoming: true)
+        defer { stopInBackground([dst]) }
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         try src.migrate(uri: dst.queryMigrate().socketAddress!.description)
         #expect(dst.waitForMigration(seconds: scaled(20)) == .failed)
@@ -99,6 +103,7 @@ struct HostileStreamTests {
           arguments: HostileReturnPath.allCases)
     func hostileReturnPath(_ kind: HostileReturnPath) throws {
         let src = try VMHost.forTest(memory: 32 << 20, incoming: false)
+        defer { stopInBackground([src]) }
         try src.boot(image: nil)
         let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 0))
         defer { listener.close() }

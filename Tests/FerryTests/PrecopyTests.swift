@@ -11,10 +11,12 @@ import Testing
 struct Pair {
     let source: VMHost
     let destination: VMHost
+    let lifetime: StopsOnRelease
 
     init(memory: Int = 64 << 20, vcpus: Int = testVCPUs) throws {
         source = try VMHost.forTest(memory: memory, vcpus: vcpus, incoming: false)
         destination = try VMHost.forTest(memory: memory, vcpus: vcpus, incoming: true)
+        lifetime = StopsOnRelease([source, destination])
         try source.boot(image: nil)
         #expect(waitForPasses(source.machine, 2))
     }
@@ -120,6 +122,7 @@ struct PrecopyTests {
     @Test("bad URIs are refused with a clear error", arguments: ["tcp:nohost", "foo:bar", "unix:", "tcp:1.2.3.4:99999", "nonsense"])
     func badURI(uri: String) throws {
         let host = try VMHost.forTest(memory: 4 << 20, incoming: false)
+        defer { stopInBackground([host]) }
         try host.boot(image: nil)
         #expect(throws: MigrationError.self) { try host.migrate(uri: uri) }
         #expect(host.runState == .running)

@@ -120,6 +120,12 @@ struct RecoveryTests {
         #expect(p.sourceStatuses.values.contains(.postcopyPaused))
         #expect(p.destinationStatuses.values.contains(.postcopyPaused))
         #expect(!p.sourceStatuses.values.contains(.failed) && !p.destinationStatuses.values.contains(.failed))
+        // QEMU's counters stay cumulative across pauses: everything the guest's RAM needed
+        // went over some channel, and postcopy's share is counted.
+        let ram = UInt64(p.source.machine.ram.length)
+        #expect(s.transferred >= s.precopyBytes + s.postcopyBytes && s.postcopyBytes > 0, "transferred \(s.transferred), precopy \(s.precopyBytes), postcopy \(s.postcopyBytes)")
+        #expect(s.transferred + UInt64(s.duplicate) * 4096 >= ram / 2, "transferred \(s.transferred) for \(ram) bytes of RAM")
+        #expect(d.transferred >= s.transferred / 2, "bytes lost in flight are re-sent, not more: destination read \(d.transferred), source wrote \(s.transferred)")
         if point == .bitmapSync || point == .handshake || point == .afterResumeAck {
             #expect(s.postcopyPauses >= 2 || d.postcopyPauses >= 2, "the failure during recovery must pause again: \(s.postcopyPauses)/\(d.postcopyPauses)")
         }

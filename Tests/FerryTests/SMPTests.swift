@@ -114,8 +114,10 @@ struct SMPTests {
     @Test("a destination with another vCPU count refuses the stream before any RAM; the source keeps running")
     func mismatchedShape() throws {
         let src = try VMHost.forTest(memory: 16 << 20, vcpus: 2, incoming: false)
+        defer { stopInBackground([src]) }
         try src.boot(image: nil)
         let dst = try VMHost.forTest(memory: 16 << 20, vcpus: 4, incoming: true)
+        defer { stopInBackground([dst]) }
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         try src.migrate(uri: dst.queryMigrate().socketAddress!.description)
         #expect(dst.waitForMigration(seconds: scaled(20)) == .failed)
@@ -132,11 +134,13 @@ struct SMPTests {
     func bigSparseGuest() throws {
         let size = 64 << 30, touched = 1 << 30
         let src = try VMHost.forTest(memory: size, vcpus: 2, incoming: false)
+        defer { stopInBackground([src]) }
         #expect(src.machine.ram.mappings.count == 2 && src.machine.ram.mappings[1].guestAddress == 1 << 32)
         try src.machine.loadTestGuest(touching: touched)
         try src.cont()
         #expect(waitForPasses(src.machine, 2, seconds: 120))
         let dst = try VMHost.forTest(memory: size, vcpus: 2, incoming: true)
+        defer { stopInBackground([dst]) }
         try dst.migrateIncoming(uri: "tcp:127.0.0.1:0")
         // Untouched pages go as zero records without being read, on either side: neither
         // process ever holds much more than the touched 1 GiB.

@@ -112,6 +112,7 @@ struct SurvivalTests {
         for (n, uri) in ["file:\(fifo)", "file:\(fifo)", "exec:sleep 61.25"].enumerated() {
             if n == 1 { reader = open(fifo, O_RDONLY | O_NONBLOCK) }
             let host = try VMHost.forTest(memory: 32 << 20, incoming: false)
+            defer { stopInBackground([host]) }
             try host.boot(image: nil)
             host.setParameters { $0.maxBandwidth = 0 }
             try host.migrate(uri: uri)
@@ -190,6 +191,7 @@ struct SurvivalTests {
         // (stopped, so the hop does not depend on convergence speed under load).
         #expect(pair.destination.stop() == .stopped)
         let third = try VMHost.forTest(memory: 64 << 20, incoming: true)
+        defer { stopInBackground([third]) }
         try third.migrateIncoming(uri: "tcp:127.0.0.1:0")
         pair.destination.setParameters { $0.maxBandwidth = 0 }
         try pair.destination.setCapabilities([(.postcopyRAM, false)])
@@ -278,6 +280,7 @@ struct SurvivalTests {
         #expect(mount("tmpfs", dir, "tmpfs", 0, "size=1m") == 0, "mount: \(String(cString: strerror(errno)))")
         defer { umount(dir); rmdir(dir) }
         let host = try VMHost.forTest(memory: 32 << 20, incoming: false)
+        defer { stopInBackground([host]) }
         try host.boot(image: nil)
         #expect(waitForPasses(host.machine, 1))
         host.setParameters { $0.maxBandwidth = 0 }

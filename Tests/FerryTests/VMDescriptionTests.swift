@@ -38,6 +38,7 @@ struct VMDescriptionTests {
     /// A 64 MiB 2-vCPU test guest saved to `path` while stopped (the RAM stays as saved).
     static func save(to path: String) throws -> VMHost {
         let src = try VMHost.forTest(memory: 64 << 20, vcpus: 2, incoming: false)
+        defer { stopInBackground([src]) }
         try src.machine.loadTestGuest()
         try src.cont()
         #expect(waitForPasses(src.machine, 2))
@@ -142,6 +143,7 @@ struct VMDescriptionTests {
 
         // And Ferry's own destination reads and checks it.
         let dst = try VMHost.forTest(memory: 64 << 20, vcpus: 2, incoming: true)
+        defer { stopInBackground([dst]) }
         try dst.migrateIncoming(uri: "exec:cat \(path)")
         #expect(dst.waitForMigration(seconds: scaled(30)) == .completed, "\(dst.queryMigrate().errorDescription ?? "")")
     }
@@ -165,6 +167,7 @@ struct VMDescriptionTests {
         for (label, bytes, error) in cases {
             #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
             let dst = try VMHost.forTest(memory: 64 << 20, vcpus: 2, incoming: true)
+            defer { stopInBackground([dst]) }
             try dst.migrateIncoming(uri: "exec:cat \(path)")
             let status = dst.waitForMigration(seconds: scaled(30))
             if let error {

@@ -86,6 +86,8 @@ extension IncomingMigration {
     func closeChannels() {
         let (ch, pc, t): (MigrationChannel?, MigrationChannel?, KernelThread?) = lock.withLock {
             defer { channel = nil; urgentChannel = nil; urgentThread = nil }
+            // `transferred` stays cumulative across recoveries.
+            retiredBytes += (channel?.bytesRead ?? 0) + (urgentChannel?.bytesRead ?? 0)
             return (channel, urgentChannel, urgentThread)
         }
         // Shut down first: a return-path writer blocked on a peer that does not read holds

@@ -30,6 +30,8 @@ final class IncomingMigration: @unchecked Sendable {
     let layout: RAMLayout
     /// Server credentials every accepted channel must complete a handshake with, or nil.
     let tls: TLSCredentials?
+    /// Bytes read on channels already closed (guarded by `lock`).
+    var retiredBytes: UInt64 = 0
     /// Pages present here (precopy writes, postcopy installs): the recovery contract.
     let received: PageBitmap
     /// Pages asked of the source and not yet installed.
@@ -102,7 +104,7 @@ final class IncomingMigration: @unchecked Sendable {
         let (s, caught, caps): (MigrationStats, Bool, Set<MigrationCapability>) = lock.withLock {
             var s = _stats
             s.status = phase.status
-            if let ch = channel { s.transferred = ch.bytesRead }
+            s.transferred = retiredBytes + (channel?.bytesRead ?? 0) + (urgentChannel?.bytesRead ?? 0)
             return (s, faultService != nil, _capabilities) // from LISTEN on, through the end
         }
         var out = s

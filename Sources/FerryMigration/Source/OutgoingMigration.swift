@@ -48,6 +48,11 @@ final class OutgoingMigration: @unchecked Sendable {
     var asked = OperatorRequests()
     /// The address recovery reconnects to automatically (the last one that worked).
     var recoveryURI: MigrationURI
+    /// Bytes written on channels already closed (recovery replaces them; guarded by `lock`): `transferred`
+    /// stays cumulative across pauses, as QEMU's.
+    var retiredBytes: UInt64 = 0
+    /// `transferred` when the postcopy package went out: what follows is `postcopy-bytes`.
+    var bytesAtPostcopyStart: UInt64?
 
     static let ramSectionID: UInt32 = 0
     static let shapeSectionID: UInt32 = 1
@@ -107,10 +112,14 @@ final class OutgoingMigration: @unchecked Sendable {
         lock.withLock {
             var s = _stats
             s.status = phase.status
-            if let ch = channel, phase.isRunning { s.transferred = ch.bytesWritten }
+            if phase.isRunning { s.transferred = bytesSentLocked }
+            if let start = bytesAtPostcopyStart { s.postcopyBytes = s.transferred - min(start, s.transferred) }
             return s
         }
     }
+
+    /// Every byte of this migration written so far, on every channel. Caller holds `lock`.
+    var bytesSentLocked: UInt64 { retiredBytes + (channel?.bytesWritten ?? 0) + (urgent?.channel.bytesWritten ?? 0) }
 
     var parameters: MigrationParameters { lock.withLock { _parameters } }
     func updateParameters(_ p: MigrationParameters) { lock.withLock { _parameters = p } }
@@ -206,8 +215,11 @@ final class OutgoingMigration: @unchecked Sendable {
             // Read (chunk by chunk) after dirty logging is on: a page unpopulated then and
             // written later is in the log, so the first pass may send it as zero unread.
             populatedAtStart = PopulatedPages(block)
+            let limit = parameters.downtimeLimit
             try advance(.setupSent) {
                 $0.setupTimeMs = Sys.nanosSince($0.startNanos) / 1_000_000
+                // As QEMU: until a pass has measured the link, the expectation is the limit.
+                $0.expectedDowntimeMs = limit
                 $0.remaining = UInt64(block.length)
             }
             switch try iterateUntilConverged(ch) {
@@ -250,7 +262,7 @@ final class OutgoingMigration: @unchecked Sendable {
         } else if let before = switchover.runStateBefore {
             host.setRunState(before) // it was paused before: it stays paused
         }
-        let (sent, requestCount, rp, peer) = lock.withLock { (channel?.bytesWritten ?? 0, requests.served, inbox.failure, inbox.destinationError) }
+        let (sent, requestCount, rp, peer) = lock.withLock { (bytesSentLocked, requests.served, inbox.failure, inbox.destinationError) }
         let reason = (error as? DestinationNeverRan)?.error ?? error
         // A bad return-path message shuts the channel: the write error that follows is a
         // symptom; the message is the reason.
@@ -275,7 +287,13 @@ final class OutgoingMigration: @unchecked Sendable {
 
     /// Shuts and closes the main and urgent channels and waits for the return-path thread.
     func closeChannels(_ ch: MigrationChannel?) {
-        let pc: UrgentPageSender? = lock.withLock { defer { urgent = nil }; return urgent }
+        let pc: UrgentPageSender? = lock.withLock {
+            // Count what the closing channels carried once, then never again.
+            retiredBytes += (ch?.bytesWritten ?? 0) + (urgent?.channel.bytesWritten ?? 0)
+            if channel === ch { channel = nil }
+            defer { urgent = nil }
+            return urgent
+        }
         ch?.shutdown()
         pc?.channel.shutdown()
         rpThread?.join()

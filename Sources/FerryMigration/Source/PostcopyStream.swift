@@ -30,7 +30,7 @@ extension OutgoingMigration {
         try ch.flush()
         reach(.packageFlushed)
         // The destination has the package: it may run the guest from now on.
-        try advance(.packageSent)
+        try advance(.packageSent) { _ in self.bytesAtPostcopyStart = self.bytesSentLocked }
         host.setRunState(.postmigrate)
 
         var current = ch
@@ -125,7 +125,7 @@ extension OutgoingMigration {
             try ch.write(header)
             try ch.flush()
             let left = UInt64(toSend.popcount()) << Wire.pageShift
-            updateStats { $0.remaining = left; $0.transferred = ch.bytesWritten; $0.postcopyRequests = self.requests.served }
+            updateStats { $0.remaining = left; $0.transferred = self.bytesSentLocked; $0.postcopyRequests = self.requests.served }
             if overBudget { try waitForRequestOrWindow(delay) }
         }
         header.removeAll()
@@ -139,7 +139,8 @@ extension OutgoingMigration {
         }
         let end = Sys.monotonicNanos()
         try advance(.finished) {
-            $0.endNanos = end; $0.transferred = ch.bytesWritten; $0.remaining = 0; $0.postcopyRequests = self.requests.served
+            $0.endNanos = end; $0.transferred = self.bytesSentLocked; $0.remaining = 0; $0.postcopyRequests = self.requests.served
+            $0.postcopyBytes = $0.transferred - min(self.bytesAtPostcopyStart ?? 0, $0.transferred)
         }
         closeChannels(ch)
     }

@@ -79,7 +79,7 @@ extension OutgoingMigration {
                 $0.dirtyPagesRate = pass.dirtyPagesRate
                 $0.mbps = pass.mbps
                 $0.pagesPerSecond = pass.pagesPerSecond
-                $0.precopyBytes = ch.bytesWritten
+                $0.precopyBytes = self.bytesSentLocked
                 if verdict == .switchToPostcopy { $0.autoSwitched = true }
             }
             if verdict != .anotherPass { return verdict }
@@ -120,7 +120,7 @@ extension OutgoingMigration {
         try advance(.finished) {
             $0.downtimeMs = (end - stopNanos) / 1_000_000
             $0.endNanos = end
-            $0.transferred = ch.bytesWritten
+            $0.transferred = self.bytesSentLocked
             $0.expectedDowntimeMs = nil
         }
         ch.close()
