@@ -62,9 +62,10 @@ extension IncomingMigration {
         }
     }
 
-    /// After RUN and after RESUME: every page the guest asked for and does not have is
-    /// asked (again: the old connection may have lost the requests or their answers).
+    /// After RESUME: every page the guest asked for and does not have is asked again (the
+    /// old connection may have lost the requests or their answers).
     func resendOutstandingRequests() {
+        returnPath.dropDeferred()
         var outstanding: [Int] = []
         requested.forEachSet { p in if !received.test(p) { outstanding.append(p) } }
         for p in outstanding { requestPage(p) }

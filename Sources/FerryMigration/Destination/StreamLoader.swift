@@ -168,7 +168,7 @@ extension IncomingMigration {
                 returnPath.send { $0.rpPong(Wire.pingPackagedLoaded) }
                 try advance(.run)
                 // Faults between the start and here were recorded but not yet asked for.
-                resendOutstandingRequests()
+                for p in returnPath.sendDeferred(block: machine.ram.name) { faults.requested(page: p) }
                 return
             case .section(let h):
                 if let d = try readDevice(h, decoder) { devices.append(d) }
