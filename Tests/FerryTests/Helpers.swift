@@ -44,6 +44,15 @@ func stopInBackground(_ hosts: [VMHost]) {
     Thread.detachNewThread { for m in machines { m.stop() } }
 }
 
+/// A machine running the test guest, after `passes` passes of its vCPUs.
+func runningTestGuest(memory: Int, vcpus: Int, passes: Int) throws -> Machine {
+    let m = try Machine(memorySize: memory, vcpus: vcpus)
+    try m.loadTestGuest()
+    try m.start()
+    #expect(waitForPasses(m, passes))
+    return m
+}
+
 /// Polls `condition` every 5 ms until it holds or `seconds` pass; returns whether it held.
 func waitUntil(seconds: Double = 20, _ condition: () -> Bool) -> Bool {
     let deadline = Sys.monotonicNanos() + UInt64(scaled(seconds) * 1e9)

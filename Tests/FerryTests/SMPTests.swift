@@ -67,10 +67,7 @@ struct SMPTests {
     @Test("a vCPU halted at the switch-over stays halted in the new VM and its timer wakes it there")
     func haltedVCPU() throws {
         // Small stripes: each vCPU spends most of its time halted, waiting for its timer.
-        let a = try Machine(memorySize: 4 << 20, vcpus: 4)
-        try a.loadTestGuest()
-        try a.start()
-        #expect(waitForPasses(a, 5))
+        let a = try runningTestGuest(memory: 4 << 20, vcpus: 4, passes: 5)
         var devices: [DeviceSection] = []
         var halted: [Int] = []
         // Stop until at least one vCPU is caught in HLT.
@@ -100,10 +97,7 @@ struct SMPTests {
 
     @Test("a byte typed on the serial line reaches the guest by interrupt; it counts it and echoes it")
     func serialReceive() throws {
-        let m = try Machine(memorySize: 8 << 20, vcpus: 2)
-        try m.loadTestGuest()
-        try m.start()
-        #expect(waitForPasses(m, 2))
+        let m = try runningTestGuest(memory: 8 << 20, vcpus: 2, passes: 2)
         m.serial.receive(Array("xy".utf8))
         #expect(waitUntil { checkMemory(m).received == 2 })
         #expect(checkMemory(m).lastReceived == UInt8(ascii: "y"))
