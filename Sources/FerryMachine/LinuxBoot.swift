@@ -4,7 +4,8 @@ import FerryMemory
 /// Linux's x86 64-bit boot protocol (Documentation/arch/x86/boot.rst): the bzImage's
 /// protected-mode kernel at 1 MiB, the zero page (`boot_params`: the setup header, the
 /// e820 map, command line and initrd), identity-mapped page tables, a GDT with __BOOT_CS /
-/// __BOOT_DS, an MP table for the vCPUs, and the boot vCPU in long mode at the 64-bit entry.
+/// __BOOT_DS, ACPI tables and an MP table for the vCPUs, and the boot vCPU in long mode at
+/// the 64-bit entry.
 public enum LinuxBoot {
     static let zeroPage: UInt64 = 0x7000
     static let commandLine: UInt64 = 0x2_0000
@@ -12,12 +13,13 @@ public enum LinuxBoot {
     static let pml4: UInt64 = 0x9000
     static let kernelBase: UInt64 = 0x10_0000
     static let mpTable: UInt64 = 0xf_0000
+    static let acpiTables: UInt64 = 0xe_0000
     static let biosEnd: UInt64 = 0x9_fc00
 
     /// The e820 map for a machine's RAM: low memory to the EBDA, the BIOS area reserved, the
     /// rest of RAM below the hole, and RAM above 4 GiB.
     public static func e820(_ mappings: [GuestMapping]) -> [(start: UInt64, length: UInt64, type: UInt32)] {
-        var m: [(UInt64, UInt64, UInt32)] = [(0, biosEnd, 1), (biosEnd, 0xa_0000 - biosEnd, 2), (0xf_0000, 0x1_0000, 2)]
+        var m: [(UInt64, UInt64, UInt32)] = [(0, biosEnd, 1), (biosEnd, 0xa_0000 - biosEnd, 2), (acpiTables, kernelBase - acpiTables, 2)]
         m.append((kernelBase, mappings[0].guestEnd - kernelBase, 1))
         for h in mappings.dropFirst() { m.append((h.guestAddress, UInt64(h.length), 1)) }
         return m
@@ -56,6 +58,7 @@ public enum LinuxBoot {
             put(0x211, UInt64(zp[0x211] | 0x80), 1)            // loadflags: CAN_USE_HEAP
             put(0x224, 0xfe00, 2)                              // heap_end_ptr
             put(0x228, commandLine, 4)                         // cmd_line_ptr
+            put(0x070, acpiTables, 8)                          // acpi_rsdp_addr
             if let initrd, !initrd.isEmpty {
                 let maxAddr = min(UInt64(u32(0x22c)), lowTop - 1)
                 let at = (maxAddr + 1 - UInt64(initrd.count)) & ~0xfff
@@ -80,6 +83,7 @@ public enum LinuxBoot {
             for k in 0..<2048 { put64(0x2000 + k * 8, UInt64(k) << 21 | 0x83) }
             try write(pml4, pt)
             try write(mpTable, mpTableBytes(vcpus: machine.vcpuCount))
+            try write(acpiTables, ACPITables.bytes(vcpus: machine.vcpuCount, at: acpiTables))
         } catch let e as MachineError {
             throw e
         } catch {
@@ -96,7 +100,6 @@ public enum LinuxBoot {
     /// every vCPU, the ISA bus, the IOAPIC and the ISA interrupts (KVM routes IRQ n to pin n).
     static func mpTableBytes(vcpus: Int) -> [UInt8] {
         var cfg: [UInt8] = []
-        func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(v >> UInt64(8 * $0) & 0xff) } }
         var entries: [UInt8] = []
         for i in 0..<vcpus {
             entries += [0, UInt8(i), 0x14, i == 0 ? 3 : 1] + le(0x600, 4) + le(0x201, 4) + [UInt8](repeating: 0, count: 8)

@@ -6,7 +6,7 @@ import Testing
 /// KVM without hardware virtualisation) the kernel decompresses itself for minutes, and QEMU
 /// 7.2 cannot boot it to a shell here either; what the test asserts is what it prints early
 /// through Ferry's UART: its banner, our command line, the e820 map we built (RAM above 4 GiB
-/// included) and that it found KVM.
+/// included), that it found KVM, and both vCPUs in the ACPI MADT.
 @Suite("Linux boot protocol")
 struct LinuxBootTests {
     /// The kernel `.ci/run` installs (linux-image-cloud-amd64). Missing means a broken set-up:
@@ -19,7 +19,7 @@ struct LinuxBootTests {
         return "/boot/" + name
     }
 
-    @Test("Debian's kernel prints its banner, our command line, the e820 map (RAM above 4 GiB) and KVM detected through Ferry's serial port")
+    @Test("Debian's kernel prints its banner, our command line, the e820 map (RAM above 4 GiB), KVM and the vCPUs from ACPI through Ferry's serial port")
     func debianKernelBanner() throws {
         let kernel = try Self.debianKernel()
         let log = NSTemporaryDirectory() + "ferry-linux-\(getpid()).log"
@@ -35,6 +35,8 @@ struct LinuxBootTests {
             "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
             "BIOS-e820: [mem 0x0000000100000000-0x000000017fffffff] usable",
             "Hypervisor detected: KVM",
+            "ACPI: Using ACPI (MADT) for SMP configuration information",
+            "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
         ]
         // Decompression alone takes minutes here (~1.5 M guest instructions a second).
         let deadline = Date().addingTimeInterval(600)
@@ -48,6 +50,39 @@ struct LinuxBootTests {
         for w in wanted {
             #expect(text.contains(w), "serial output lacks \"\(w)\"; guest \(machine.state) \(machine.lastError ?? ""); last output: \(text.suffix(600))")
         }
+    }
+
+    @Test("ACPI tables: checksums hold, RSDP -> XSDT -> FADT/DSDT/MADT resolve, the MADT names every vCPU and the IOAPIC", arguments: [1, 2, 16])
+    func acpiTables(vcpus: Int) throws {
+        let base: UInt64 = 0xe_0000
+        let b = ACPITables.bytes(vcpus: vcpus, at: base)
+        func u32(_ o: Int) -> Int { Int(b[o]) | Int(b[o + 1]) << 8 | Int(b[o + 2]) << 16 | Int(b[o + 3]) << 24 }
+        func u64(_ o: Int) -> Int { u32(o) | u32(o + 4) << 32 }
+        func sum(_ r: Range<Int>) -> UInt8 { b[r].reduce(0, &+) }
+        func sig(_ o: Int) -> String { String(decoding: b[o..<o + 4], as: UTF8.self) }
+        #expect(String(decoding: b[0..<8], as: UTF8.self) == "RSD PTR ")
+        #expect(sum(0..<20) == 0 && sum(0..<36) == 0 && b[15] == 2)
+        let xsdt = u64(24) - Int(base)
+        #expect(sig(xsdt) == "XSDT" && sum(xsdt..<xsdt + u32(xsdt + 4)) == 0)
+        let tables = (0..<(u32(xsdt + 4) - 36) / 8).map { u64(xsdt + 36 + 8 * $0) - Int(base) }
+        #expect(tables.map(sig) == ["FACP", "APIC"])
+        for t in tables { #expect(sum(t..<t + u32(t + 4)) == 0, "\(sig(t)) checksum") }
+        let fadt = tables[0]
+        #expect(u32(fadt + 112) & (1 << 20) != 0, "hardware-reduced ACPI")
+        let dsdt = u64(fadt + 140) - Int(base)
+        #expect(sig(dsdt) == "DSDT" && u32(fadt + 40) - Int(base) == dsdt && sum(dsdt..<dsdt + u32(dsdt + 4)) == 0)
+        let madt = tables[1]
+        var apicIDs: [UInt8] = [], ioapics = 0, o = madt + 44
+        while o < madt + u32(madt + 4) {
+            switch b[o] {
+            case 0: #expect(u32(o + 4) & 1 == 1); apicIDs.append(b[o + 3])
+            case 1: ioapics += 1; #expect(u32(o + 4) == 0xfec0_0000 && u32(o + 8) == 0)
+            default: break
+            }
+            o += Int(b[o + 1])
+        }
+        #expect(o == madt + u32(madt + 4), "MADT entries fill the table exactly")
+        #expect(apicIDs == (0..<vcpus).map { UInt8($0) } && ioapics == 1)
     }
 
     @Test("a file that is not a bzImage is refused with the reason")
