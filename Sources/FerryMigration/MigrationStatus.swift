@@ -70,6 +70,9 @@ public struct MigrationParameters: Sendable, Equatable {
     /// Ferry: milliseconds without a byte from the peer (heartbeats flow every 250 ms on
     /// socket migrations) before the link counts as down. 0 = rely on TCP alone.
     public var heartbeatTimeout: UInt64 = 1500
+    /// Ferry: milliseconds the source waits in `postcopy-device` for the destination to run
+    /// the guest (PONG 0x42) before it pauses; QEMU waits without a deadline.
+    public var postcopyDeviceTimeout: UInt64 = 30_000
     /// Ferry: with `auto-recover`, how long the source keeps trying to reconnect after a pause.
     public var autoRecoverTimeout: UInt64 = 600_000
     /// Ferry: with `postcopy-ram`, switch to postcopy by itself after this many dirty-sync

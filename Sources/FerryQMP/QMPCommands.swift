@@ -99,6 +99,7 @@ enum QMPCommands {
                     case "max-postcopy-bandwidth": p.maxPostcopyBandwidth = try uint(v, k)
                     case "heartbeat-timeout": p.heartbeatTimeout = try uint(v, k)
                     case "auto-recover-timeout": p.autoRecoverTimeout = try uint(v, k)
+                    case "postcopy-device-timeout": p.postcopyDeviceTimeout = try uint(v, k)
                     case "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses = try uint(v, k)
                     // QEMU takes a string here ("" = off); a null also turns TLS off.
                     case "tls-creds": p.tlsCreds = v is NSNull ? "" : try string(args, k)
@@ -114,6 +115,7 @@ enum QMPCommands {
             let p = host.parameters
             return ["max-bandwidth": p.maxBandwidth, "downtime-limit": p.downtimeLimit, "max-postcopy-bandwidth": p.maxPostcopyBandwidth,
                     "heartbeat-timeout": p.heartbeatTimeout, "auto-recover-timeout": p.autoRecoverTimeout,
+                    "postcopy-device-timeout": p.postcopyDeviceTimeout,
                     "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses, "tls-creds": p.tlsCreds, "tls-hostname": p.tlsHostname, "tls-authz": ""]
         default:
             throw QMPError("The command \(name) has not been found", class: "CommandNotFound")

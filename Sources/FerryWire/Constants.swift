@@ -23,7 +23,17 @@ public enum Wire {
     /// End marker of a received bitmap.
     public static let recvBitmapEnding: UInt64 = 0x0123_4567_89ab_cdef
     public static let resumeAckValue: UInt32 = 1
+    /// The PING values QEMU's source sends at fixed points (only 0x42 has a meaning; the rest
+    /// line traces up): after OPEN_RETURN_PATH, after the discards, inside the postcopy
+    /// package after the device state, just before RUN, and after the package.
+    public static let pingReturnPathOpen: UInt32 = 1
+    public static let pingDiscardsSent: UInt32 = 2
+    public static let pingDeviceStateSent: UInt32 = 3
+    /// Inside the package just before RUN. Ferry's destination answers PONG 0x42 once the
+    /// guest runs (QEMU's answers when it reads it, a moment earlier): the source's
+    /// postcopy-device ends there, and it may never resume the guest from then on.
     public static let pingPackagedLoaded: UInt32 = 0x42
+    public static let pingPackageSent: UInt32 = 4
     /// Ferry's own: the destination's unsolicited keep-alive PONG (every 250 ms from its own
     /// thread), so the source hears a live peer even while the destination works through a
     /// backlog of stream data. A source that does not know it ignores it (QEMU only traces

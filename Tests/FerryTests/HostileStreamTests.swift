@@ -148,4 +148,75 @@ struct HostileStreamTests {
         #expect(checkMemory(src.machine).passed)
         src.machine.resume()
     }
+
+    /// A fake destination (real TCP, the real decoder) that answers every PING but 0x42,
+    /// i.e. loads the package and never runs the guest: the source sees QEMU's package
+    /// layout (PING 3, PING 0x42 inside before RUN, PING 4 after) and, past
+    /// `postcopy-device-timeout`, pauses instead of waiting for ever; the guest does not run
+    /// again on the source (the destination might run it).
+    @Test("postcopy-device has a deadline: a destination that never answers PING 0x42 leaves the source postcopy-paused, not hung")
+    func postcopyDeviceDeadline() throws {
+        let src = try VMHost.forTest(memory: 32 << 20, incoming: false)
+        defer { stopInBackground([src]) }
+        try src.boot(image: nil)
+        try src.setCapabilities([(.postcopyRAM, true)])
+        src.setParameters { $0.heartbeatTimeout = 0; $0.postcopyDeviceTimeout = 1000; $0.maxBandwidth = 8_000_000 }
+        let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        try src.migrate(uri: listener.boundURI.description)
+        let ch = try listener.accept()
+        defer { ch.close() }
+        let layout = RAMLayout(blocks: src.machine.memory.blocks.map { .init(name: $0.name, length: UInt64($0.length)) })
+        let pings = Recorder<UInt32>()  // PING values in order; the package's inside 0x1000_0000 | v
+        let reader = try KernelThread(name: "test/fake-destination") {
+            let d = StreamDecoder(source: ch, layout: layout, devices: Machine.deviceSectionVersions)
+            func skipSection(_ h: SectionHeader, _ d: StreamDecoder, _ source: any ByteSource) throws {
+                if h.name == Wire.ramSectionName {
+                    while true {
+                        let r = try d.nextRAMRecord()
+                        if r == .eos { break }
+                        if case .page = r { _ = try source.bytes(4096) }
+                    }
+                } else { _ = try d.readDeviceBlob() }
+                try d.readFooter(expecting: h.id)
+            }
+            do {
+                try d.readFileHeader()
+                while true {
+                    switch try d.nextItem() {
+                    case .section(let h): try skipSection(h, d, ch)
+                    case .command(.ping(let v)):
+                        pings.append(v)
+                        var w = WireBuffer(); w.rpPong(v); try ch.write(w); try ch.flush()
+                    case .command(.packaged(let length)):
+                        let blob = ByteArraySource(try ch.bytes(Int(length)))
+                        let inner = StreamDecoder(source: blob, layout: layout, devices: Machine.deviceSectionVersions)
+                        while true {
+                            let item = try inner.nextItem()
+                            if case .command(.postcopyRun) = item { break }
+                            if case .command(.ping(let v)) = item { pings.append(0x1000_0000 | v) }
+                            if case .section(let h) = item { try skipSection(h, inner, blob) }
+                        }
+                    case .command: continue
+                    case .configuration: continue
+                    case .eof: return
+                    }
+                }
+            } catch {}
+        }
+        #expect(waitUntil(seconds: scaled(10)) { src.queryMigrate().status == .active })
+        try src.startPostcopy()
+        #expect(waitUntil(seconds: scaled(10)) { src.queryMigrate().status == .postcopyPaused })
+        let s = src.queryMigrate()
+        #expect(s.status == .postcopyPaused)
+        #expect((s.errorDescription ?? "").contains("did not answer within 1000 ms during the postcopy switch-over"), "\(s.errorDescription ?? "")")
+        #expect(src.machine.state != .running, "the guest must not run again on the source")
+        let seen = pings.values
+        #expect(seen.contains(0x1000_0003) && seen.contains(0x1000_0042), "\(seen)")
+        if let three = seen.firstIndex(of: 0x1000_0003), let forty = seen.firstIndex(of: 0x1000_0042) {
+            #expect(three < forty && seen.firstIndex(of: 2)! < three && seen.firstIndex(of: 4)! > forty, "\(seen)")
+        }
+        ch.shutdown()
+        reader.join()
+    }
 }

@@ -144,6 +144,7 @@ extension IncomingMigration {
     private func loadPackage(_ blob: [UInt8]) throws {
         let decoder = StreamDecoder(source: ByteArraySource(blob), layout: layout, devices: Machine.deviceSectionVersions)
         var devices: [DeviceSection] = []
+        var pongWhenRunning = false
         while true {
             let item: StreamItem
             do { item = try decoder.nextItem() } catch let e as WireError where e.code == .truncated {
@@ -154,7 +155,9 @@ extension IncomingMigration {
             case .command(.postcopyListen):
                 try listen()
             case .command(.ping(let v)):
-                returnPath.send { $0.rpPong(v) }
+                // PING 0x42 is answered once the guest runs (below): until then the source may
+                // still run it there.
+                if v == Wire.pingPackagedLoaded { pongWhenRunning = true } else { returnPath.send { $0.rpPong(v) } }
             case .command(.postcopyRun):
                 guard !devices.isEmpty else { throw MigrationError(.protocolError, "POSTCOPY_RUN before the device state") }
                 try machine.restoreDevices(devices)
@@ -165,6 +168,7 @@ extension IncomingMigration {
                 host.emit(.resume)
                 // The guest runs here now: tell the source (its downtime ends; it may no
                 // longer resume the guest there). Page requests flow from here on.
+                guard pongWhenRunning else { throw MigrationError(.protocolError, "postcopy package without PING 0x42 before RUN") }
                 returnPath.send { $0.rpPong(Wire.pingPackagedLoaded) }
                 try advance(.run)
                 // Faults between the start and here were recorded but not yet asked for.

@@ -17,13 +17,17 @@ extension OutgoingMigration {
         try? machine.vm.setDirtyLogging(machine.ram, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
         appendDiscards(to: &header)
-        header.ping(2)
+        header.ping(Wire.pingDiscardsSent)
+        // QEMU's package: LISTEN, the device state, PING 3, PING 0x42, RUN.
         var package = WireBuffer(capacity: 16 << 10)
         package.command(.postcopyListen)
         try appendDeviceState(to: &package)
+        package.ping(Wire.pingDeviceStateSent)
+        package.ping(Wire.pingPackagedLoaded)
         package.command(.postcopyRun)
         header.packaged(length: UInt32(package.count))
         header.append(package.bytes)
+        header.ping(Wire.pingPackageSent)
         // From here cancel is refused: the package may reach the destination whole.
         try advance(.packageWriting)
         try ch.write(header)
@@ -37,18 +41,11 @@ extension OutgoingMigration {
         do {
             // The urgent channel is the second connection; the destination accepts it at LISTEN.
             if capabilities.contains(.postcopyPreempt) { try openUrgentChannel(uri) }
-            // postcopy-device: the destination answers PONG 0x42 once its guest runs. A SHUT
-            // with an error before that means it never ran, and the guest may run here again.
-            try lock.withLock {
-                _ = try lock.wait { () throws -> Bool? in
-                    if inbox.destinationRunning { return true }
-                    if let s = inbox.shut, s != 0 {
-                        throw DestinationNeverRan(error: MigrationError(.peerFailed, "the destination failed to start the guest (SHUT \(s)); the guest continues here"))
-                    }
-                    if let e = inbox.failure { throw MigrationError(.io, "return path failed before the destination ran the guest", cause: e) }
-                    if asked.pause { throw MigrationError.pausedByUser }
-                    return nil
-                }
+            // postcopy-device: the destination answers PING 0x42 once its guest runs. A SHUT
+            // with an error before that means it never ran, and the guest may run here again;
+            // silence past the deadline pauses (the guest may run there: never resume here).
+            _ = try waitForDestination(seconds: Double(parameters.postcopyDeviceTimeout) / 1000, during: "the postcopy switch-over") {
+                inbox.destinationRunning ? true : nil
             }
             try advance(.destinationRunning) { $0.downtimeMs = Sys.nanosSince(stopNanos) / 1_000_000 }
         } catch let never as DestinationNeverRan {

@@ -20,7 +20,7 @@ extension OutgoingMigration {
         header.deviceSection(id: Self.shapeSectionID, name: MachineShape.sectionName, version: MachineShape.version, blob: machine.shape.encoded())
         if returnPath {
             header.command(.openReturnPath)
-            header.ping(1)
+            header.ping(Wire.pingReturnPathOpen)
         }
         if capabilities.contains(.postcopyRAM) {
             guard returnPath else { throw MigrationError(.config, "postcopy needs a return path: use a tcp: or unix: URI") }

@@ -87,7 +87,7 @@ extension OutgoingMigration {
         header.recvBitmapRequest(block: block.name)
         try ch.write(header)
         try ch.flush()
-        let bits = try waitForDestination(seconds: 30) { inbox.receivedBitmap }
+        let bits = try waitForDestination(seconds: 30, during: "recovery") { inbox.receivedBitmap }
         guard let received = PageBitmap.deserialize(bits, bitCount: block.pageCount) else {
             throw MigrationError(.protocolError, "received bitmap of \(bits.count) bytes does not fit \(block.pageCount) pages")
         }
@@ -109,28 +109,29 @@ extension OutgoingMigration {
         // The destination accepts the new urgent channel when it reads POSTCOPY_RESUME, and
         // acks after: with TLS the channel's handshake needs that accept, so it comes second.
         if capabilities.contains(.postcopyPreempt) { try openUrgentChannel(target) }
-        _ = try waitForDestination(seconds: 30) { inbox.resumeAcked ? true : nil }
+        _ = try waitForDestination(seconds: 30, during: "recovery") { inbox.resumeAcked ? true : nil }
     }
 
     /// Waits (lock held) for `value` from the return-path thread, or its error, a forced
-    /// pause, or the deadline.
-    private func waitForDestination<T>(seconds: Double, _ value: () -> T?) throws -> T {
+    /// pause, or the deadline. A SHUT with an error from a destination that never ran the
+    /// guest means the guest may continue here (`DestinationNeverRan`).
+    func waitForDestination<T>(seconds: Double, during what: String, _ value: () -> T?) throws -> T {
         let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
         let v: T? = try lock.withLock {
             try lock.wait(until: deadline) { () throws -> T? in
                 if let v = value() { return v }
                 if let s = inbox.shut, s != 0 {
                     if !inbox.destinationRunning {
-                        throw DestinationNeverRan(error: MigrationError(.peerFailed, "the destination failed before it ran the guest (it answered recovery with SHUT \(s)); the guest continues here"))
+                        throw DestinationNeverRan(error: MigrationError(.peerFailed, "the destination failed before it ran the guest (SHUT \(s) during \(what)); the guest continues here"))
                     }
-                    throw MigrationError(.peerFailed, "the destination refused recovery (SHUT \(s))")
+                    throw MigrationError(.peerFailed, "the destination refused \(what) (SHUT \(s))")
                 }
-                if let e = inbox.failure { throw MigrationError(.io, "return path failed during recovery", cause: e) }
-                if asked.pause { throw MigrationError(.paused, "Postcopy recovery is paused by the user") }
+                if let e = inbox.failure { throw MigrationError(.io, "return path failed during \(what)", cause: e) }
+                if asked.pause { throw MigrationError.pausedByUser }
                 return nil
             }
         }
-        guard let v else { throw MigrationError(.timeout, "the destination did not answer within \(Int(seconds)) s") }
+        guard let v else { throw MigrationError(.timeout, "the destination did not answer within \(Int(seconds * 1000)) ms during \(what)") }
         return v
     }
 }
