@@ -12,7 +12,9 @@ public enum VCPUExit {
     /// KVM_RUN returned EINTR: a kick (pause request or immediate_exit).
     case interrupted
     case failEntry(reason: UInt64)
-    case internalError(suberror: UInt32)
+    /// For an emulation failure, the bytes of the instruction KVM could not emulate when it
+    /// says them.
+    case internalError(suberror: UInt32, instruction: [UInt8])
     case other(reason: UInt32)
 }
 
@@ -69,7 +71,14 @@ public final class VCPU: @unchecked Sendable {
         case KVM_EXIT_SHUTDOWN: return .shutdown
         case KVM_EXIT_INTR: return .interrupted
         case KVM_EXIT_FAIL_ENTRY: return .failEntry(reason: p.fail_entry.hardware_entry_failure_reason)
-        case KVM_EXIT_INTERNAL_ERROR: return .internalError(suberror: p.internal.suberror)
+        case KVM_EXIT_INTERNAL_ERROR:
+            let f = p.emulation_failure
+            guard p.internal.suberror == UInt32(KVM_INTERNAL_ERROR_EMULATION),
+                  f.flags & UInt64(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 else {
+                return .internalError(suberror: p.internal.suberror, instruction: [])
+            }
+            let bytes = withUnsafeBytes(of: f.insn_bytes) { Array($0.prefix(Int(min(f.insn_size, 15)))) }
+            return .internalError(suberror: p.internal.suberror, instruction: bytes)
         default: return .other(reason: p.exit_reason)
         }
     }

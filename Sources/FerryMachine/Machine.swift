@@ -346,8 +346,10 @@ final class MachineCore: @unchecked Sendable {
                 guestStopped(.shutdown, "the guest shut down (triple fault on vCPU \(index))")
             case let .failEntry(reason):
                 guestStopped(.internalError, "KVM could not enter vCPU \(index) (hardware entry failure reason 0x\(String(reason, radix: 16)))")
-            case let .internalError(sub):
-                guestStopped(.internalError, "KVM internal error on vCPU \(index), suberror \(sub) (often an instruction KVM cannot emulate)")
+            case let .internalError(sub, instruction):
+                let rip = (try? vcpu.getRegs().rip).map { " at rip 0x" + String($0, radix: 16) } ?? ""
+                let bytes = instruction.isEmpty ? "" : ", instruction bytes " + instruction.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: " ")
+                guestStopped(.internalError, "KVM internal error on vCPU \(index)\(rip), suberror \(sub)\(bytes) (often an instruction KVM cannot emulate)")
             case let .other(reason):
                 guestStopped(.internalError, "unhandled KVM exit reason \(reason) on vCPU \(index)")
             }

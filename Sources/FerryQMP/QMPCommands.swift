@@ -12,13 +12,26 @@ enum QMPCommands {
         "qmp_capabilities", "query-version", "query-commands", "query-status", "stop", "cont", "quit", "pmemsave",
         "migrate", "migrate-incoming", "migrate_cancel", "migrate-start-postcopy", "migrate-pause", "migrate-recover", "query-migrate",
         "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters", "query-migrate-parameters",
-        "object-add", "object-del", "qom-list-types",
+        "object-add", "object-del", "qom-list-types", "query-machines", "query-target", "query-cpus-fast",
+        "human-monitor-command",
     ]
 
     static func run(_ name: String, _ args: [String: Any], host: VMHost) throws -> Any {
         switch name {
         case "query-version":
-            return ["qemu": ["major": 7, "minor": 2, "micro": 0], "package": "ferry"]
+            return FerryIdentity.qmpVersion
+        case "query-machines":
+            return [["name": Wire.machineType, "is-default": true, "cpu-max": Machine.maxVCPUs, "hotpluggable-cpus": false,
+                     "numa-mem-supported": false, "deprecated": false, "default-cpu-type": "host-x86_64-cpu", "default-ram-id": "pc.ram"]]
+        case "query-target":
+            return ["arch": "x86_64"]
+        case "query-cpus-fast":
+            return host.machine.vcpuThreadIDs.enumerated().map { i, tid in
+                ["cpu-index": i, "qom-path": "/machine/unattached/device[\(i)]", "thread-id": Int(tid), "target": "x86_64",
+                 "props": ["core-id": i, "thread-id": 0, "socket-id": 0]] as [String: Any]
+            }
+        case "human-monitor-command":
+            return try HumanMonitor.run(try string(args, "command-line"), host: host)
         case "query-commands":
             return names.map { ["name": $0] }
         case "query-status":

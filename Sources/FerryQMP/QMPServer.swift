@@ -198,7 +198,7 @@ public final class QMPServer: @unchecked Sendable {
 
     private func serve(_ client: Client) {
         defer { lock.withLock { _ = clients.removeValue(forKey: client.fd) } }
-        client.send(["QMP": ["version": ["qemu": ["major": 7, "minor": 2, "micro": 0], "package": "ferry"], "capabilities": [String]()]])
+        client.send(["QMP": ["version": FerryIdentity.qmpVersion, "capabilities": [String]()]])
         var splitter = JSONStreamSplitter()
         var buf = [UInt8](repeating: 0, count: 4096)
         while true {

@@ -11,6 +11,7 @@ struct Ferry: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ferry",
         abstract: "Live migration of KVM virtual machines.",
+        version: FerryIdentity.package,
         subcommands: [Run.self, Migrate.self, Demo.self, GuestImage.self, CheckMemory.self])
 
     static func main() {

@@ -29,7 +29,9 @@ extension IncomingMigration {
             switch item {
             case .configuration(let machineType):
                 guard machineType == Wire.machineType else {
-                    throw WireError(.badMachine, "source machine type \"\(machineType)\" differs from ours (\"\(Wire.machineType)\")")
+                    // QEMU's machines are pc-*, q35, microvm, ...: their device sections are not Ferry's.
+                    throw WireError(.badMachine, "source machine type \"\(machineType)\" differs from ours (\"\(Wire.machineType)\"): "
+                                    + "Ferry loads streams from Ferry only; a QEMU stream (same framing) carries QEMU's devices")
                 }
             case .section(let h) where h.name == Wire.ramSectionName:
                 if h.type == .start { sawRAMSetup = true }
