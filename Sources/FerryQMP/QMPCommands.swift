@@ -164,21 +164,25 @@ enum QMPCommands {
             default: break
             }
         }
-        guard s.total > 0 else { return r } // destination: status only, as QEMU
-        if s.status != .setup {
-            r["total-time"] = s.totalTimeMs
-            r["setup-time"] = s.setupTimeMs
+        // As QEMU: the destination, and a source in setup, failed or cancelled, report the
+        // status only; downtime once completed, expected-downtime before.
+        guard s.total > 0, ![.setup, .failed, .cancelled].contains(s.status) else { return r }
+        r["total-time"] = s.totalTimeMs
+        r["setup-time"] = s.setupTimeMs
+        if s.status == .completed {
             if let d = s.downtimeMs { r["downtime"] = d }
-            if let e = s.expectedDowntimeMs, s.status == .active { r["expected-downtime"] = e }
-            r["ram"] = [
-                "transferred": s.transferred, "remaining": s.remaining, "total": s.total,
-                "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * UInt64(Wire.pageSize),
-                "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
-                "dirty-pages-rate": s.dirtyPagesRate, "page-size": Wire.pageSize, "precopy-bytes": s.precopyBytes,
-                "downtime-bytes": s.downtimeBytes, "postcopy-bytes": s.postcopyBytes, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
-                "x-auto-postcopy": s.autoSwitched,
-            ] as [String: Any]
+        } else {
+            r["expected-downtime"] = s.expectedDowntimeMs ?? 0
         }
+        r["ram"] = [
+            "transferred": s.transferred, "remaining": s.remaining, "total": s.total,
+            "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * UInt64(Wire.pageSize),
+            "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
+            "dirty-pages-rate": s.dirtyPagesRate, "page-size": Wire.pageSize, "precopy-bytes": s.precopyBytes,
+            "downtime-bytes": s.downtimeBytes, "postcopy-bytes": s.postcopyBytes, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
+            "skipped": 0, "dirty-sync-missed-zero-copy": 0,
+            "x-auto-postcopy": s.autoSwitched,
+        ] as [String: Any]
         return r
     }
 

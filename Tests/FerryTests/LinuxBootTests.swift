@@ -6,7 +6,11 @@ import Testing
 /// KVM without hardware virtualisation) the kernel decompresses itself for minutes, and QEMU
 /// 7.2 cannot boot it to a shell here either; what the test asserts is what it prints early
 /// through Ferry's UART: its banner, our command line, the e820 map we built (RAM above 4 GiB
-/// included), that it found KVM, and both vCPUs in the ACPI MADT.
+/// included), that it found KVM, and both vCPUs in the ACPI MADT. By hand (2 GiB, 2 vCPUs,
+/// ~8 min) it goes on to "Memory: 260860K/2096760K available" and then stops where QEMU 7.2
+/// stops here: "KVM internal error on vCPU 0 at rip 0xffffffff96117850, suberror 1,
+/// instruction bytes f0 48 0f c7 4d 20" (`lock cmpxchg16b`, SLUB's first double-word
+/// compare-exchange), which this host's KVM cannot emulate.
 @Suite("Linux boot protocol")
 struct LinuxBootTests {
     /// The kernel `.ci/run` installs (linux-image-cloud-amd64). Missing means a broken set-up:
