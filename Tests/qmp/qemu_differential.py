@@ -4,7 +4,8 @@ the standard QMP client (qemu.qmp), comparing what a client sees:
 
   precopy   the client waits for the second pass, then raises downtime-limit so it converges
   postcopy  the client switches to postcopy when dirty-sync-count reaches 2
-  recovery  postcopy, migrate-pause on the source, migrate-recover + migrate resume=true
+  recovery  postcopy at once (most of RAM left for postcopy), migrate-pause on the source,
+            migrate-recover + migrate resume=true
 
 Compared: the MIGRATION statuses on both sides, the MIGRATION_PASS numbers,
 dirty-sync-count when the second pass starts, query-migrate's keys and their JSON types in
@@ -172,6 +173,9 @@ async def scenario(engine, kind, work):
         poller = asyncio.get_running_loop().create_task(poll_shapes(src, shapes, stop))
         t_start = time.time()
         await src.run("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        if kind == "recovery":
+            await src.wait_status(["active"], 30)
+            await src.run("migrate-start-postcopy")
         # The client acts when the second pass starts, on the event.
         deadline = time.time() + 60
         while time.time() < deadline and 2 not in src.passes():
@@ -182,11 +186,10 @@ async def scenario(engine, kind, work):
         result["hmp info migrate labels"] = sorted({l.split(":")[0] for l in (await src.run("human-monitor-command", {"command-line": "info migrate"})).splitlines() if ":" in l})
         if kind == "precopy":
             await src.run("migrate-set-parameters", {"downtime-limit": 60_000})
-        else:
+        elif kind == "postcopy":
             await src.run("migrate-start-postcopy")
         if kind == "recovery":
             ok = await src.wait_status(["postcopy-active"], 30)
-            await asyncio.sleep(0.5)
             await src.run("migrate-pause")
             ok = ok and await src.wait_status(["postcopy-paused"], 30) and await dst.wait_status(["postcopy-paused"], 30)
             result["paused both sides"] = ok
