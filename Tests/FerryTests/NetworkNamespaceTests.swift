@@ -14,6 +14,7 @@ struct NetworkNamespaceTests {
         #expect(FileManager.default.isExecutableFile(atPath: Paths.ferry), "build ferry first (swift build): \(Paths.ferry)")
         var sc = PostcopyScenario(name: "netns-link-down", memory: 128 << 20)
         sc.netns = true
+        sc.vcpus = testVCPUs // the SMP guest: several vCPUs fault while the link is down
         sc.bandwidth = 20_000_000
         sc.postcopyAfterMs = 300
         sc.failure = .linkDown
