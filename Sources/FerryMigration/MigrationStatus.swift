@@ -129,10 +129,35 @@ public struct MigrationStats: Sendable {
     public var guestClockGapUs: Double?
     /// The TLS protocol and cipher of the last channel opened, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384".
     public var tls: String?
+    /// Where the last switch-over's time went, step by step (`x-switchover-us`).
+    public var switchover: SwitchoverTimeline?
 
     public var totalTimeMs: UInt64 {
         guard startNanos > 0 else { return 0 }
         return ((endNanos ?? Sys.monotonicNanos()) - startNanos) / 1_000_000
     }
     public init() {}
+}
+
+/// The steps of one switch-over and the microseconds each took, in order: on the source
+/// from the stop request (stop, sync, ram, device-state / package, destination), on the
+/// destination from the first byte of the final state (read, restore, start). Pure: fed
+/// the time at each step's end.
+public struct SwitchoverTimeline: Sendable, Equatable {
+    public struct Step: Sendable, Equatable {
+        public let name: String
+        public let micros: UInt64
+    }
+    public private(set) var steps: [Step] = []
+    private var last: UInt64
+
+    public init(start: UInt64) { last = start }
+
+    /// Ends step `name` at `now` (a clock that went backwards counts 0).
+    public mutating func mark(_ name: String, now: UInt64) {
+        steps.append(Step(name: name, micros: now > last ? (now - last) / 1000 : 0))
+        last = max(last, now)
+    }
+
+    public var totalMicros: UInt64 { steps.reduce(0) { $0 + $1.micros } }
 }

@@ -149,6 +149,9 @@ enum QMPCommands {
                                              "requests-repeated": f.requestsRepeated] as [String: Any]
         }
         if let g = s.guestClockGapUs { r["x-guest-clock-gap-us"] = g }
+        if let t = s.switchover {
+            r["x-switchover-us"] = Dictionary(t.steps.map { ($0.name, $0.micros) }, uniquingKeysWith: +).merging(["total": t.totalMicros]) { a, _ in a }
+        }
         if s.postcopyPauses > 0 || s.recoveryAttempts > 0 {
             var rec: [String: Any] = ["pauses": s.postcopyPauses, "recoveries": s.recoveries, "attempts": s.recoveryAttempts,
                                       "paused-ms": s.pausedMs, "bitmap-bytes": s.bitmapBytes, "pages-resent": s.pagesResent]

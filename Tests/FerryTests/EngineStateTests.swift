@@ -200,3 +200,17 @@ struct EngineStateTests {
         #expect(p.due(now: 250 * ms) == 0x1003)
     }
 }
+
+@Suite("switch-over timeline")
+struct SwitchoverTimelineTests {
+    @Test("each step counts from the end of the one before; a clock going backwards counts 0 and does not move the start")
+    func steps() {
+        var t = SwitchoverTimeline(start: 1_000_000)
+        t.mark("stop", now: 3_000_000)
+        t.mark("sync", now: 2_500_000)
+        t.mark("send", now: 4_000_500)
+        #expect(t.steps.map(\.name) == ["stop", "sync", "send"])
+        #expect(t.steps.map(\.micros) == [2000, 0, 1000])
+        #expect(t.totalMicros == 3000)
+    }
+}

@@ -189,7 +189,8 @@ async def scenario(engine, kind, work):
         elif kind == "postcopy":
             await src.run("migrate-start-postcopy")
         if kind == "recovery":
-            ok = await src.wait_status(["postcopy-active"], 30)
+            ok = await src.wait_status(["postcopy-active"], 30) and await dst.wait_status(["postcopy-active"], 30)
+            await asyncio.sleep(0.3)  # both sides well inside postcopy
             await src.run("migrate-pause")
             ok = ok and await src.wait_status(["postcopy-paused"], 30) and await dst.wait_status(["postcopy-paused"], 30)
             result["paused both sides"] = ok
@@ -251,9 +252,20 @@ async def main():
 
     try:
         res = {}
+        qemu_failures = []
         for kind in ("precopy", "postcopy", "recovery"):
             for engine in ("qemu", "ferry"):
-                res[(engine, kind)] = await scenario(engine, kind, work)
+                # QEMU 7.2 itself sometimes loses a destination in the recovery scenario (the
+                # races Ferry's recovery tests are about): try it again, and say so. Ferry
+                # gets one try.
+                for attempt in range(3 if engine == "qemu" else 1):
+                    try:
+                        res[(engine, kind)] = await scenario(engine, kind, work)
+                        break
+                    except Exception as e:
+                        if engine == "ferry" or attempt == 2:
+                            raise
+                        qemu_failures.append(f"{kind}: {type(e).__name__} {e}")
                 print(f"{engine} {kind}: {json.dumps({k: v for k, v in res[(engine, kind)].items() if k != 'shapes'})}", flush=True)
         for kind in ("precopy", "postcopy", "recovery"):
             q, f = res[("qemu", kind)], res[("ferry", kind)]
@@ -290,6 +302,7 @@ async def main():
         rows.append(("parameters only in Ferry", "", ", ".join(sorted(fp - qp)), "deliberate: " + DELIBERATE["parameters only in ferry"]))
         for k in q["errors"]:
             compare(f"error class: {k}", q["errors"][k], f["errors"][k])
+        rows.append(("scenario runs that failed and were run again", "; ".join(qemu_failures) or "none", "none (one try)", "QEMU's own failures"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if TABLE:

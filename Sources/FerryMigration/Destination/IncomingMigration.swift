@@ -143,11 +143,13 @@ final class IncomingMigration: @unchecked Sendable {
             }
             if ch.isSocket { try startKeepalive() }
             switch try load(ch) {
-            case .precopy(let devices):
+            case .precopy(let devices, var timeline):
                 try machine.restoreDevices(devices)
+                timeline.mark("restore", now: Sys.monotonicNanos())
                 try machine.start()
+                timeline.mark("start", now: Sys.monotonicNanos())
                 let gap = machine.guestClockGapUs()
-                updateStats { $0.guestClockGapUs = gap }
+                updateStats { $0.guestClockGapUs = gap; $0.switchover = timeline }
                 host.setRunState(.running)
                 host.emit(.resume)
                 returnPath.send { $0.rpShut(0) }

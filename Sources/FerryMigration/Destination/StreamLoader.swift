@@ -11,7 +11,7 @@ import Glibc
 /// state, RUN). Which item is legal when is the phase's legality table
 /// (`DestinationPhase.acceptedItems`); this file only says what each item does.
 extension IncomingMigration {
-    enum LoadResult { case precopy([DeviceSection]), postcopy(StreamDecoder) }
+    enum LoadResult { case precopy([DeviceSection], SwitchoverTimeline), postcopy(StreamDecoder) }
 
     /// Loads a stream up to its end (precopy: the device state found before EOF) or up to
     /// the postcopy RUN (the guest runs here from then on; the decoder carries on).
@@ -23,6 +23,8 @@ extension IncomingMigration {
         let populated = machine.memory.blocks.map { PopulatedPages($0) }
         var devices: [DeviceSection] = []
         var sawRAMSetup = false
+        // From the RAM END section (the source has stopped the guest) to the guest running.
+        var timeline: SwitchoverTimeline?
         while true {
             let item = try decoder.nextItem()
             try currentPhase.check(item)
@@ -36,24 +38,30 @@ extension IncomingMigration {
             case .section(let h) where h.name == Wire.ramSectionName:
                 if h.type == .start { sawRAMSetup = true }
                 guard sawRAMSetup else { throw WireError(.badSectionID, "RAM pages before the RAM setup section") }
+                if h.type == .end { timeline = SwitchoverTimeline(start: Sys.monotonicNanos()) }
                 try loadRAM(decoder, ch, populated: populated)
                 try decoder.readFooter(expecting: h.id)
+                if h.type == .end { timeline?.mark("ram", now: Sys.monotonicNanos()) }
             case .section(let h):
                 // validated by the decoder: a device section this machine has
                 if let d = try readDevice(h, decoder) { devices.append(d) }
             case .command(.packaged(let length)):
                 guard postcopyAdvised else { throw MigrationError(.protocolError, "PACKAGED without POSTCOPY_ADVISE") }
                 guard length <= 16_777_216 else { throw WireError(.badLength, "postcopy package of \(length) bytes") }
+                var t = SwitchoverTimeline(start: Sys.monotonicNanos())
                 let blob = try ch.bytes(Int(length))
+                t.mark("read", now: Sys.monotonicNanos())
                 try advance(.packageOpened)
-                try loadPackage(blob)
+                try loadPackage(blob, timeline: t)
                 return .postcopy(decoder)
             case .command(let c):
                 try handleCommand(c, ch)
             case .eof:
                 guard !devices.isEmpty else { throw WireError(.truncated, "the stream ended without the device state") }
                 try checkVMDescription(decoder, devices)
-                return .precopy(devices)
+                var t = timeline ?? SwitchoverTimeline(start: Sys.monotonicNanos())
+                t.mark("device-state", now: Sys.monotonicNanos())
+                return .precopy(devices, t)
             }
         }
     }
@@ -143,7 +151,8 @@ extension IncomingMigration {
     }
 
     /// The package: LISTEN, device state, RUN, as one nested stream.
-    private func loadPackage(_ blob: [UInt8]) throws {
+    private func loadPackage(_ blob: [UInt8], timeline: SwitchoverTimeline) throws {
+        var timeline = timeline
         let decoder = StreamDecoder(source: ByteArraySource(blob), layout: layout, devices: Machine.deviceSectionVersions)
         var devices: [DeviceSection] = []
         var pongWhenRunning = false
@@ -156,16 +165,20 @@ extension IncomingMigration {
             switch item {
             case .command(.postcopyListen):
                 try listen()
+                timeline.mark("listen", now: Sys.monotonicNanos())
             case .command(.ping(let v)):
                 // PING 0x42 is answered once the guest runs (below): until then the source may
                 // still run it there.
                 if v == Wire.pingPackagedLoaded { pongWhenRunning = true } else { returnPath.send { $0.rpPong(v) } }
             case .command(.postcopyRun):
                 guard !devices.isEmpty else { throw MigrationError(.protocolError, "POSTCOPY_RUN before the device state") }
+                timeline.mark("device-state", now: Sys.monotonicNanos())
                 try machine.restoreDevices(devices)
+                timeline.mark("restore", now: Sys.monotonicNanos())
                 try machine.start()
+                timeline.mark("start", now: Sys.monotonicNanos())
                 let gap = machine.guestClockGapUs()
-                updateStats { $0.guestClockGapUs = gap }
+                updateStats { $0.guestClockGapUs = gap; $0.switchover = timeline }
                 host.setRunState(.running)
                 host.emit(.resume)
                 // The guest runs here now: tell the source (its downtime ends; it may no

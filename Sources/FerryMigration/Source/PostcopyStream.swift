@@ -9,11 +9,14 @@ import FerryWire
 /// guest is never resumed here: failures pause (`Recovery.swift`), never fail.
 extension OutgoingMigration {
     func runPostcopy(_ ch: MigrationChannel) throws {
+        var timeline = SwitchoverTimeline(start: Sys.monotonicNanos())
         stopGuestForSwitchover()
         let stopNanos = Sys.monotonicNanos()
+        timeline.mark("stop", now: stopNanos)
         try advance(.switchToPostcopy)
         reach(.postcopyStopped)
         try collectDirtyPages()
+        timeline.mark("sync", now: Sys.monotonicNanos())
         try? machine.vm.setDirtyLogging(machine.ram, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
         appendDiscards(to: &header)
@@ -32,6 +35,7 @@ extension OutgoingMigration {
         try advance(.packageWriting)
         try ch.write(header)
         try ch.flush()
+        timeline.mark("package", now: Sys.monotonicNanos())
         reach(.packageFlushed)
         // The destination has the package: it may run the guest from now on.
         try advance(.packageSent) { _ in self.bytesAtPostcopyStart = self.bytesSentLocked }
@@ -40,14 +44,18 @@ extension OutgoingMigration {
         var current = ch
         do {
             // The urgent channel is the second connection; the destination accepts it at LISTEN.
-            if capabilities.contains(.postcopyPreempt) { try openUrgentChannel(uri) }
+            if capabilities.contains(.postcopyPreempt) {
+                try openUrgentChannel(uri)
+                timeline.mark("urgent-channel", now: Sys.monotonicNanos())
+            }
             // postcopy-device: the destination answers PING 0x42 once its guest runs. A SHUT
             // with an error before that means it never ran, and the guest may run here again;
             // silence past the deadline pauses (the guest may run there: never resume here).
             _ = try waitForDestination(seconds: Double(parameters.postcopyDeviceTimeout) / 1000, during: "the postcopy switch-over") {
                 inbox.destinationRunning ? true : nil
             }
-            try advance(.destinationRunning) { $0.downtimeMs = Sys.nanosSince(stopNanos) / 1_000_000 }
+            timeline.mark("destination", now: Sys.monotonicNanos())
+            try advance(.destinationRunning) { $0.downtimeMs = Sys.nanosSince(stopNanos) / 1_000_000; $0.switchover = timeline }
         } catch let never as DestinationNeverRan {
             try? machine.vm.setDirtyLogging(machine.ram, true) // best effort: a later migration re-enables it
             throw never

@@ -88,16 +88,20 @@ extension OutgoingMigration {
 
     /// The stop-and-copy switch-over and the end of a precopy migration.
     func completePrecopy(_ ch: MigrationChannel, returnPath: Bool) throws {
+        var timeline = SwitchoverTimeline(start: Sys.monotonicNanos())
         stopGuestForSwitchover()
         let stopNanos = Sys.monotonicNanos()
+        timeline.mark("stop", now: stopNanos)
         try advance(.converged)
         let before = ch.bytesWritten
         try collectDirtyPages()
+        timeline.mark("sync", now: Sys.monotonicNanos())
         header.removeAll()
         header.ramSectionBegin(.end, id: Self.ramSectionID)
         try ch.write(header)
         cursor = 0
         _ = try sendPages(ch, limited: false)
+        timeline.mark("ram", now: Sys.monotonicNanos())
         header.removeAll()
         header.ramSectionEnd(id: Self.ramSectionID)
         let described = try appendDeviceState(to: &header)
@@ -106,6 +110,7 @@ extension OutgoingMigration {
         header.vmDescription(VMDescription(sections: described))
         try ch.write(header)
         try ch.flush()
+        timeline.mark("device-state", now: Sys.monotonicNanos())
         updateStats { $0.downtimeBytes = ch.bytesWritten - before; $0.remaining = 0 }
         if returnPath {
             let shut = try waitForShut(seconds: 60)
@@ -115,6 +120,7 @@ extension OutgoingMigration {
         }
         try ch.finishOutput() // exec: the command consumed everything; file: on disk
         let end = Sys.monotonicNanos()
+        timeline.mark("destination", now: end)
         try? machine.vm.setDirtyLogging(machine.ram, false) // the migration is done; a stale log costs nothing
         host.setRunState(.postmigrate)
         try advance(.finished) {
@@ -122,6 +128,7 @@ extension OutgoingMigration {
             $0.endNanos = end
             $0.transferred = self.bytesSentLocked
             $0.expectedDowntimeMs = nil
+            $0.switchover = timeline
         }
         ch.close()
     }
