@@ -200,6 +200,29 @@ public struct MigrationRun: Codable, Sendable {
     public var memoryCheck: String?
     /// Destination: how far the guest clock moved across the switch-over (x-guest-clock-gap-us).
     public var guestClockGapUs: Double?
+    /// The source's STOP event to the destination's RESUME, from the events' own timestamps.
+    public var switchoverPauseMs: Double?
+    /// Ferry's x-switchover-us of the source and the destination (step → µs).
+    public var switchoverSteps: [String: UInt64]?
+}
+
+/// The pause a guest sees at the switch-over: the source's STOP event to the destination's
+/// RESUME, from the timestamps QEMU and Ferry put on their events (one host, one clock).
+/// Ferry's own step-by-step account (x-switchover-us) of both sides, prefixed src./dst.
+public func switchoverPause(source src: FerryProcess, destination dst: FerryProcess) -> (ms: Double?, steps: [String: UInt64]?) {
+    _ = try? src.qmp.execute("query-status")  // collects the events that came meanwhile
+    _ = try? dst.qmp.execute("query-status")
+    func at(_ p: FerryProcess, _ name: String) -> Double? {
+        guard let e = p.qmp.events.first(where: { $0["event"] as? String == name }), let ts = e["timestamp"] as? [String: Any] else { return nil }
+        return Double(qmpNumber(ts["seconds"])) + Double(qmpNumber(ts["microseconds"])) / 1e6
+    }
+    let ms = at(src, "STOP").flatMap { s in at(dst, "RESUME").map { max(0, ($0 - s) * 1000) } }
+    var steps: [String: UInt64] = [:]
+    for (side, p) in [("src", src), ("dst", dst)] {
+        let q = (try? p.qmp.execute("query-migrate")) as? [String: Any]
+        for (k, v) in (q?["x-switchover-us"] as? [String: Any]) ?? [:] { steps["\(side).\(k)"] = qmpNumber(v) }
+    }
+    return (ms, steps.isEmpty ? nil : steps)
 }
 
 /// Which VMM runs both ends of a scenario.
@@ -282,6 +305,7 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
         passes: qmpNumber(ram["dirty-sync-count"]), memoryCheckPassed: nil, sourceIntactAfterCancel: nil,
         error: info["error-desc"] as? String)
     run.engine = scenario.engine
+    if run.status == "completed" { (run.switchoverPauseMs, run.switchoverSteps) = switchoverPause(source: src, destination: dst) }
     if run.status == "completed" && scenario.guestImage == nil {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)

@@ -92,6 +92,9 @@ public struct PostcopyRun: Codable, Sendable {
     /// Page requests sent twice for one page (0 when concurrent faults are de-duplicated).
     public var requestsRepeated: Int?
     public var error: String?
+    /// The source's STOP event to the destination's RESUME; Ferry's steps (`switchoverPause`).
+    public var switchoverPauseMs: Double?
+    public var switchoverSteps: [String: UInt64]?
 }
 
 public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: String = ferryExecutable(),
@@ -267,6 +270,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     }
     timeline.append(TimelineSample(t: Double(total), bytes: qmpNumber(ram["transferred"]), status: run.status))
     run.timeline = timeline
+    (run.switchoverPauseMs, run.switchoverSteps) = switchoverPause(source: src, destination: dst)
     run.sourceDetectionMs = injectedAt == nil ? nil : pausedAt(src) ?? srcDetect
     run.destinationDetectionMs = injectedAt == nil ? nil : pausedAt(dst) ?? dstDetect
     if run.status == "completed" {

@@ -242,6 +242,8 @@ struct ComparedRun: Codable {
     var memoryCheckPassed: Bool?
     var resumeToActiveMs: Double?
     var error: String?
+    var switchoverPauseMs: Double?
+    var switchoverSteps: [String: UInt64]?
     var timeline: [TimelineSample]?
     var latencyDistribution: [UInt64]?
     var totalOverWireLimit: Double?
@@ -298,8 +300,11 @@ extension FerryBench {
                 var x = sc
                 x.engine = e
                 let r = try runPrecopy(x, directory: dir)
-                return ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
-                                   memoryCheckPassed: r.memoryCheckPassed ?? r.sourceIntactAfterCancel, error: r.error)
+                var c = ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
+                                    memoryCheckPassed: r.memoryCheckPassed ?? r.sourceIntactAfterCancel, error: r.error)
+                c.switchoverPauseMs = r.switchoverPauseMs
+                c.switchoverSteps = r.switchoverSteps
+                return c
             }
         }
         for sc in postcopy where filter.map({ sc.name.contains($0) }) ?? true {
@@ -307,10 +312,13 @@ extension FerryBench {
                 var x = sc
                 x.engine = e
                 let r = try runPostcopy(x, directory: dir)
-                return ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
+                var c = ComparedRun(engine: e, scenario: sc.name, status: r.status, totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
                                    blocktimeMs: r.blocktimeMs, memoryCheckPassed: r.memoryCheckPassed, resumeToActiveMs: r.resumeToActiveMs, error: r.error,
                                    timeline: r.timeline, latencyDistribution: r.latencyDistribution, totalOverWireLimit: r.totalOverWireLimit,
                                    latencyP50Us: r.latencyP50Us, latencyP99Us: r.latencyP99Us, faultFloorUs: r.faultFloorUs)
+                c.switchoverPauseMs = r.switchoverPauseMs
+                c.switchoverSteps = r.switchoverSteps
+                return c
             }
         }
         let enc = JSONEncoder()
@@ -326,6 +334,13 @@ extension FerryBench {
         try enc.encode(runs).write(to: URL(fileURLWithPath: "\(output)/compare.json"))
         var md = qemuAvailable ? "" : "QEMU is not installed here: Ferry's side only.\n\n"
         md += "| scenario | metric | Ferry (median, min-max) | QEMU (median, min-max) | QEMU / Ferry | Ferry / physical limit | memory check Ferry / QEMU |\n|---|---|---|---|---|---|---|\n"
+        var steps = "\nFerry's switch-over, step by step (x-switchover-us, median of the runs, µs; src from the stop request, dst from the final state's first byte):\n\n"
+        for n in names {
+            let f = runs.filter { $0.scenario == n && $0.engine == .ferry }
+            let keys = Set(f.flatMap { $0.switchoverSteps.map { Array($0.keys) } ?? [] }).sorted()
+            guard !keys.isEmpty else { continue }
+            steps += "- \(n): " + keys.map { k in "\(k) \(median(f.compactMap { $0.switchoverSteps?[k].map(Double.init) }).map { String(format: "%.0f", $0) } ?? "-")" }.joined(separator: ", ") + "\n"
+        }
         for n in names {
             let f = runs.filter { $0.scenario == n && $0.engine == .ferry }, g = runs.filter { $0.scenario == n && $0.engine == .qemu }
             /// `lowerIsBetter` metrics: a QEMU/Ferry ratio below 1 means Ferry loses, and the row says so.
@@ -343,6 +358,7 @@ extension FerryBench {
             let statuses = "Ferry: \(Set(f.map(\.status)).sorted().joined(separator: "/")); QEMU: \(Set(g.map(\.status)).sorted().joined(separator: "/"))"
             row("total ms (\(statuses))", physical: { $0.totalOverWireLimit }) { $0.status == "cancelled" && $0.totalTimeMs == 0 ? nil : Double($0.totalTimeMs) }
             row("downtime ms") { $0.downtimeMs.map { Double($0) } }
+            row("switch-over pause ms (source STOP → destination RESUME)") { $0.switchoverPauseMs }
             row("vCPU blocked ms") { $0.blocktimeMs.map { Double($0) } }
             row("resume → active ms") { $0.resumeToActiveMs }
             row("fault latency p50 µs (fault → installed)", physical: { r in r.latencyP50Us.flatMap { p in r.faultFloorUs.map { p / $0 } } }) { $0.latencyP50Us }
@@ -362,6 +378,7 @@ extension FerryBench {
             try Chart.histogram(title: "\(sc.name): postcopy fault latency", series: series).write(toFile: "\(output)/\(hist)", atomically: true, encoding: .utf8)
             charts += [tl, hist]
         }
+        md += steps
         if !charts.isEmpty { md += "\nCharts: " + charts.map { "[\($0)](\($0))" }.joined(separator: ", ") + "\n" }
         try md.write(toFile: "\(output)/compare.md", atomically: true, encoding: .utf8)
         print(md)

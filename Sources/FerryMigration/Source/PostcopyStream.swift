@@ -20,11 +20,13 @@ extension OutgoingMigration {
         try? machine.vm.setDirtyLogging(machine.ram, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
         appendDiscards(to: &header)
+        timeline.mark("discards", now: Sys.monotonicNanos())
         header.ping(Wire.pingDiscardsSent)
         // QEMU's package: LISTEN, the device state, PING 3, PING 0x42, RUN.
         var package = WireBuffer(capacity: 16 << 10)
         package.command(.postcopyListen)
         try appendDeviceState(to: &package)
+        timeline.mark("device-state", now: Sys.monotonicNanos())
         package.ping(Wire.pingDeviceStateSent)
         package.ping(Wire.pingPackagedLoaded)
         package.command(.postcopyRun)
