@@ -103,7 +103,8 @@ struct PrecopyTests {
         #expect(waitUntil(seconds: 30) { pair.source.queryMigrate().dirtySyncCount >= 3 })
         let s = pair.source.queryMigrate()
         #expect(s.status == .active)
-        #expect(s.remaining > 0)
+        // A guest starved of CPU (a sanitizer, a loaded host) may dirty nothing for a moment.
+        #expect(waitUntil(seconds: scaled(10)) { pair.source.queryMigrate().remaining > 0 })
         #expect(s.dirtyPagesRate > 0)
         try pair.source.cancel()
         #expect(pair.source.waitForMigration(seconds: scaled(10)) == .cancelled)

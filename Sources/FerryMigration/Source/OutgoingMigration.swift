@@ -66,9 +66,10 @@ final class OutgoingMigration: @unchecked Sendable {
     var limiter = RateLimiter(now: 0, sent: 0)
     var pings = PingSchedule()
     var switchover = SwitchoverRecord()
-    /// The pages that had memory behind them when the first pass began; nil once the dirty
-    /// log has been collected (see `collectDirtyPages`).
-    var populatedAtStart: PopulatedPages?
+    /// Which pages have memory behind them, read chunk by chunk after the last bitmap sync
+    /// (`collectDirtyPages` starts it afresh): a page unpopulated when its chunk is read
+    /// reads as zero, and a write after that is in the next dirty log. Precopy only.
+    var populated: PopulatedPages?
     var rpThread: KernelThread?
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
@@ -214,7 +215,7 @@ final class OutgoingMigration: @unchecked Sendable {
             countBitmapSync()
             // Read (chunk by chunk) after dirty logging is on: a page unpopulated then and
             // written later is in the log, so the first pass may send it as zero unread.
-            populatedAtStart = PopulatedPages(block)
+            populated = PopulatedPages(block)
             let limit = parameters.downtimeLimit
             try advance(.setupSent) {
                 $0.setupTimeMs = Sys.nanosSince($0.startNanos) / 1_000_000

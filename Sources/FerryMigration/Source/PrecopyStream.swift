@@ -63,10 +63,15 @@ extension OutgoingMigration {
             if uri.isBidirectional { pingIfDue() }
             try ch.write(header)
             try ch.flush()
-            updateStats { $0.remaining = UInt64(toSend.popcount()) << Wire.pageShift }
-            guard passDone else { continue }
+            let pending = UInt64(toSend.popcount()) << Wire.pageShift
+            updateStats { $0.remaining = pending }
+            policy.progress(now: Sys.monotonicNanos(), sent: ch.bytesWritten)
+            // As QEMU: sync early once what is left of the pass would fit the downtime
+            // (the scan then goes on from where it is).
+            let syncNow = passDone || policy.mightConverge(pendingBytes: pending, downtimeLimitMs: parameters.downtimeLimit, maxBandwidth: parameters.maxBandwidth)
+            guard syncNow else { continue }
 
-            // End of a pass: collect what the guest dirtied meanwhile.
+            // A sync: collect what the guest dirtied meanwhile.
             let now = Sys.monotonicNanos()
             try collectDirtyPages()
             let p = parameters
@@ -133,14 +138,14 @@ extension OutgoingMigration {
         ch.close()
     }
 
-    /// Adds what the guest dirtied since the last collection to `toSend`. From here on a page
-    /// in `toSend` may have been written after `populatedAtStart` was read, so that
-    /// shortcut ends.
+    /// Adds what the guest dirtied since the last collection to `toSend`. What `populated`
+    /// read before may be stale now (a page written since is in `toSend`): it is read
+    /// afresh, chunk by chunk, as pages are sent.
     /// Counts as a bitmap sync as QEMU counts one (`dirty-sync-count`, `MIGRATION_PASS`).
     @discardableResult
     func collectDirtyPages() throws -> UInt64 {
         try machine.vm.collectDirtyLog(machine.ram, into: toSend)
-        populatedAtStart = nil
+        if populated != nil { populated = PopulatedPages(block) }
         return countBitmapSync()
     }
 
@@ -171,7 +176,7 @@ extension OutgoingMigration {
         var batch = 0
         var normal: UInt64 = 0, duplicate: UInt64 = 0
         defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
-        let populated = populatedAtStart
+        let populated = self.populated
         while let i = toSend.nextSet(from: cursor) {
             guard toSend.testAndClear(i) else { cursor = i + 1; continue }
             let neverTouched = try populated.map { try !$0.mayHoldData(i) } ?? false
