@@ -25,7 +25,7 @@ struct PostcopyTests {
         #expect(pair.destination.waitForMigration(seconds: scaled(20)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
         let statuses = events.values.compactMap { if case .status(let s) = $0 { s } else { nil } }
         #expect(statuses == [.setup, .active, .device, .postcopyDevice, .postcopyActive, .completed])
-        #expect(pair.source.queryMigrate().switchover?.steps.map(\.name) == ["stop", "sync", "discards", "device-state", "package", "destination"])
+        #expect(pair.source.queryMigrate().switchover?.steps.map(\.name) == ["early-discards", "stop", "sync", "discards", "device-state", "package", "destination"])
         #expect(pair.destination.queryMigrate().switchover?.steps.map(\.name) == ["read", "listen", "device-state", "restore", "start"])
         #expect(pair.source.queryMigrate().postcopyRequests > 0, "the guest never faulted on a missing page")
         #expect(pair.source.runState == .postmigrate)

@@ -100,6 +100,20 @@ class VM:
         except ExecuteError as e:
             return e.error_class
 
+    async def wait_guest_walking(self, work, seconds=120):
+        """Until the guest's RAM changes between two looks (pmemsave of 4 MiB at 1 MiB):
+        QEMU boots SeaBIOS first, at this host's ~1.5 M instructions a second."""
+        path, last = f"{work}/{self.engine}-{self.name}.peek", None
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            await self.c.execute("pmemsave", {"val": 0x100000, "size": 0x400000, "filename": path})
+            now = open(path, "rb").read()
+            if last is not None and now != last:
+                return
+            last = now
+            await asyncio.sleep(0.2)
+        raise SystemExit(f"{self.engine} {self.name}: the guest never started walking its RAM")
+
     def statuses(self):
         return [e["data"]["status"] for _, e in self.events if e["event"] == "MIGRATION"]
 
@@ -160,7 +174,7 @@ async def scenario(engine, kind, work):
     try:
         await src.connect()
         await dst.connect()
-        await asyncio.sleep(3)  # the guest walks its RAM (QEMU boots SeaBIOS first)
+        await src.wait_guest_walking(work)
         post = kind in ("postcopy", "recovery")
         if post:
             for vm in (src, dst):

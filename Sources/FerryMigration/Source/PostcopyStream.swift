@@ -10,6 +10,16 @@ import FerryWire
 extension OutgoingMigration {
     func runPostcopy(_ ch: MigrationChannel) throws {
         var timeline = SwitchoverTimeline(start: Sys.monotonicNanos())
+        // While the guest still runs here: the destination drops its stale copy of every page
+        // still to send (nothing is sent in between), so the pause carries only the discards
+        // of the pages the last sync adds.
+        let discardedEarly = PageBitmap(bitCount: block.pageCount)
+        discardedEarly.formUnion(toSend)
+        header.removeAll()
+        appendDiscards(to: &header, skipping: nil)
+        try ch.write(header)
+        try ch.flush()
+        timeline.mark("early-discards", now: Sys.monotonicNanos())
         stopGuestForSwitchover()
         let stopNanos = Sys.monotonicNanos()
         timeline.mark("stop", now: stopNanos)
@@ -19,7 +29,7 @@ extension OutgoingMigration {
         timeline.mark("sync", now: Sys.monotonicNanos())
         try? machine.vm.setDirtyLogging(machine.ram, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
-        appendDiscards(to: &header)
+        appendDiscards(to: &header, skipping: discardedEarly)
         timeline.mark("discards", now: Sys.monotonicNanos())
         header.ping(Wire.pingDiscardsSent)
         // QEMU's package: LISTEN, the device state, PING 3, PING 0x42, RUN.
@@ -74,14 +84,16 @@ extension OutgoingMigration {
         }
     }
 
-    /// RAM_DISCARD for every page still to send, 12 ranges a command: the destination may
-    /// hold a stale copy of each.
-    private func appendDiscards(to buffer: inout WireBuffer) {
+    /// RAM_DISCARD for every page still to send (but those in `skipping`, discarded
+    /// already), 12 ranges a command: the destination may hold a stale copy of each.
+    private func appendDiscards(to buffer: inout WireBuffer, skipping done: PageBitmap?) {
         var ranges: [(start: UInt64, length: UInt64)] = []
+        func wanted(_ p: Int) -> Bool { toSend.test(p) && !(done?.test(p) ?? false) }
         var i = toSend.nextSet(from: 0)
         while let s = i {
+            guard wanted(s) else { i = toSend.nextSet(from: s + 1); continue }
             var e = s + 1
-            while e < toSend.bitCount && toSend.test(e) { e += 1 }
+            while e < toSend.bitCount && wanted(e) { e += 1 }
             ranges.append((UInt64(s) << Wire.pageShift, UInt64(e - s) << Wire.pageShift))
             if ranges.count == 12 { buffer.ramDiscard(block: block.name, ranges: ranges); ranges.removeAll() }
             i = toSend.nextSet(from: e)
