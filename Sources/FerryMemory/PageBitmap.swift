@@ -114,6 +114,14 @@ public final class PageBitmap: @unchecked Sendable {
         for w in 0..<wordCount { _ = ferry_atomic_or64(words + w, ferry_atomic_load64(other.words + w)) }
     }
 
+    /// This bitmap's bits that `other` (same size) does not have, as a new bitmap.
+    public func subtracting(_ other: PageBitmap) -> PageBitmap {
+        precondition(other.bitCount == bitCount)
+        let r = PageBitmap(bitCount: bitCount)
+        for w in 0..<wordCount { r.words[w] = ferry_atomic_load64(words + w) & ~ferry_atomic_load64(other.words + w) }
+        return r
+    }
+
     /// Atomically takes all bits out of this bitmap into `into` (OR), leaving this one empty.
     public func drain(into other: PageBitmap) {
         precondition(other.bitCount == bitCount)

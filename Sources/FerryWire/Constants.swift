@@ -34,6 +34,9 @@ public enum Wire {
     /// postcopy-device ends there, and it may never resume the guest from then on.
     public static let pingPackagedLoaded: UInt32 = 0x42
     public static let pingPackageSent: UInt32 = 4
+    /// Ferry's own: after the discards sent before the postcopy stop; its PONG says the
+    /// destination has read (and applied) everything before it. A QEMU destination echoes it.
+    public static let pingEarlyDiscards: UInt32 = 0x4644_4953 // "FDIS"
     /// Ferry's own: the destination's unsolicited keep-alive PONG (every 250 ms from its own
     /// thread), so the source hears a live peer even while the destination works through a
     /// backlog of stream data. A source that does not know it ignores it (QEMU only traces

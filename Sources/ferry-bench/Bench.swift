@@ -339,7 +339,7 @@ extension FerryBench {
             let f = runs.filter { $0.scenario == n && $0.engine == .ferry }
             let keys = Set(f.flatMap { $0.switchoverSteps.map { Array($0.keys) } ?? [] }).sorted()
             guard !keys.isEmpty else { continue }
-            steps += "- \(n): " + keys.map { k in "\(k) \(median(f.compactMap { $0.switchoverSteps?[k].map(Double.init) }).map { String(format: "%.0f", $0) } ?? "-")" }.joined(separator: ", ") + "\n"
+            steps += "- \(n): " + keys.map { k in "\(k) \(median(f.compactMap { r -> Double? in r.switchoverSteps?[k].map { Double($0) } }).map { "\(Int($0.rounded()))" } ?? "-")" }.joined(separator: ", ") + "\n"
         }
         for n in names {
             let f = runs.filter { $0.scenario == n && $0.engine == .ferry }, g = runs.filter { $0.scenario == n && $0.engine == .qemu }

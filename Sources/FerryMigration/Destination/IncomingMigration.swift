@@ -19,7 +19,7 @@ import Glibc
 /// Ownership of the mutable fields:
 /// - guarded by `lock`: `phase`, `_stats`, `_capabilities`, `channel`, `urgentChannel`,
 ///   `urgentThread`, `faultService`, `recoveryListener`, `recoverTriggered`, `pauseRequested`;
-/// - `mig/dst/main` only: `postcopyAdvised`;
+/// - `mig/dst/main` only: `postcopyAdvised`, `switchoverTimeline`;
 /// - `returnPath` serialises its writers itself; `received` / `requested` are atomic bitmaps;
 ///   the rest is immutable.
 final class IncomingMigration: @unchecked Sendable {
@@ -61,6 +61,9 @@ final class IncomingMigration: @unchecked Sendable {
 
     // mig/dst/main only
     var postcopyAdvised = false
+    /// The postcopy switch-over as this side sees it, from the PING after the source's early
+    /// discards (the source stops its guest right after) to the guest running here.
+    var switchoverTimeline: SwitchoverTimeline?
 
     init(host: VMHost, uri: MigrationURI, capabilities: Set<MigrationCapability>, tls: TLSCredentials?) throws {
         self.host = host

@@ -48,7 +48,8 @@ extension IncomingMigration {
             case .command(.packaged(let length)):
                 guard postcopyAdvised else { throw MigrationError(.protocolError, "PACKAGED without POSTCOPY_ADVISE") }
                 guard length <= 16_777_216 else { throw WireError(.badLength, "postcopy package of \(length) bytes") }
-                var t = SwitchoverTimeline(start: Sys.monotonicNanos())
+                var t = switchoverTimeline ?? SwitchoverTimeline(start: Sys.monotonicNanos())
+                if switchoverTimeline != nil { t.mark("final-discards", now: Sys.monotonicNanos()) }
                 let blob = try ch.bytes(Int(length))
                 t.mark("read", now: Sys.monotonicNanos())
                 try advance(.packageOpened)
@@ -100,6 +101,7 @@ extension IncomingMigration {
         case .ping(let v):
             guard returnPath.isOpen else { throw MigrationError(.protocolError, "PING without a return path") }
             returnPath.send { $0.rpPong(v) }
+            if v == Wire.pingEarlyDiscards { switchoverTimeline = SwitchoverTimeline(start: Sys.monotonicNanos()) }
         case .switchoverStart:
             break
         case let .postcopyAdvise(summary, target):

@@ -334,6 +334,8 @@ struct ReturnPathInbox {
     var destinationRunning = false
     var receivedBitmap: [UInt8]?
     var resumeAcked = false
+    /// The PONG after the discards sent before the postcopy stop came back.
+    var earlyDiscardsApplied = false
 
     /// A new channel: what the old one said no longer applies.
     mutating func newChannel() { shut = nil; failure = nil; receivedBitmap = nil; resumeAcked = false }

@@ -11,14 +11,25 @@ extension OutgoingMigration {
     func runPostcopy(_ ch: MigrationChannel) throws {
         var timeline = SwitchoverTimeline(start: Sys.monotonicNanos())
         // While the guest still runs here: the destination drops its stale copy of every page
-        // still to send (nothing is sent in between), so the pause carries only the discards
-        // of the pages the last sync adds.
+        // still to send (nothing is sent in between) and reads the precopy backlog in the
+        // sockets; the PONG after says it has (at most 200 ms: then the stop goes ahead). The
+        // pause then carries only the discards of the pages the last sync adds. A sync first
+        // (counted, as every sync): what the guest dirtied since the last pass is in the log.
+        try collectDirtyPages()
         let discardedEarly = PageBitmap(bitCount: block.pageCount)
         discardedEarly.formUnion(toSend)
         header.removeAll()
-        appendDiscards(to: &header, skipping: nil)
+        appendDiscards(of: toSend, to: &header)
+        header.ping(Wire.pingEarlyDiscards)
         try ch.write(header)
         try ch.flush()
+        do {
+            _ = try waitForDestination(seconds: PostcopySwitchover.earlyDiscardsWaitSeconds, during: "the discards before the stop") {
+                inbox.earlyDiscardsApplied ? true : nil
+            }
+        } catch let e as MigrationError where e.code == .timeout {
+            // A slow destination: stop anyway, as without the wait.
+        }
         timeline.mark("early-discards", now: Sys.monotonicNanos())
         stopGuestForSwitchover()
         let stopNanos = Sys.monotonicNanos()
@@ -29,7 +40,7 @@ extension OutgoingMigration {
         timeline.mark("sync", now: Sys.monotonicNanos())
         try? machine.vm.setDirtyLogging(machine.ram, false) // the log is read; a failure to stop it costs only speed
         header.removeAll()
-        appendDiscards(to: &header, skipping: discardedEarly)
+        appendDiscards(of: toSend.subtracting(discardedEarly), to: &header)
         timeline.mark("discards", now: Sys.monotonicNanos())
         header.ping(Wire.pingDiscardsSent)
         // QEMU's package: LISTEN, the device state, PING 3, PING 0x42, RUN.
@@ -84,19 +95,17 @@ extension OutgoingMigration {
         }
     }
 
-    /// RAM_DISCARD for every page still to send (but those in `skipping`, discarded
-    /// already), 12 ranges a command: the destination may hold a stale copy of each.
-    private func appendDiscards(to buffer: inout WireBuffer, skipping done: PageBitmap?) {
+    /// RAM_DISCARD for every page in `pages` (still to send), 12 ranges a command: the
+    /// destination may hold a stale copy of each.
+    private func appendDiscards(of pages: PageBitmap, to buffer: inout WireBuffer) {
         var ranges: [(start: UInt64, length: UInt64)] = []
-        func wanted(_ p: Int) -> Bool { toSend.test(p) && !(done?.test(p) ?? false) }
-        var i = toSend.nextSet(from: 0)
+        var i = pages.nextSet(from: 0)
         while let s = i {
-            guard wanted(s) else { i = toSend.nextSet(from: s + 1); continue }
             var e = s + 1
-            while e < toSend.bitCount && wanted(e) { e += 1 }
+            while e < pages.bitCount && pages.test(e) { e += 1 }
             ranges.append((UInt64(s) << Wire.pageShift, UInt64(e - s) << Wire.pageShift))
             if ranges.count == 12 { buffer.ramDiscard(block: block.name, ranges: ranges); ranges.removeAll() }
-            i = toSend.nextSet(from: e)
+            i = pages.nextSet(from: e)
         }
         if !ranges.isEmpty { buffer.ramDiscard(block: block.name, ranges: ranges) }
     }
@@ -184,4 +193,10 @@ extension OutgoingMigration {
             }
         }
     }
+}
+
+/// The postcopy switch-over's one tunable: how long the source waits, guest still running,
+/// for the destination to apply the discards sent before the stop.
+enum PostcopySwitchover {
+    static let earlyDiscardsWaitSeconds = 0.2
 }

@@ -30,6 +30,7 @@ extension OutgoingMigration {
                 return
             case .pong(let v):
                 if v == Wire.pingPackagedLoaded { lock.withLock { inbox.destinationRunning = true; lock.broadcast() } }
+                if v == Wire.pingEarlyDiscards { lock.withLock { inbox.earlyDiscardsApplied = true; lock.broadcast() } }
             case .switchoverAck:
                 continue
             case .error(let text):
