@@ -215,23 +215,3 @@ struct SwitchoverTimelineTests {
     }
 }
 
-@Suite("convergence between syncs")
-struct ConvergenceBetweenSyncsTests {
-    @Test("the rate over each 100 ms window is the estimate; what is left of a pass is compared with the downtime at that rate")
-    func mightConverge() {
-        var p = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
-        #expect(!p.mightConverge(pendingBytes: 1, downtimeLimitMs: 300, maxBandwidth: 0), "no estimate yet: no early sync")
-        #expect(p.mightConverge(pendingBytes: 1_000_000, downtimeLimitMs: 300, maxBandwidth: 10_000_000), "max-bandwidth stands in for the estimate")
-        p.progress(now: 50_000_000, sent: 5_000_000)            // half a window: nothing yet
-        #expect(!p.mightConverge(pendingBytes: 1, downtimeLimitMs: 300, maxBandwidth: 0))
-        p.progress(now: 100_000_000, sent: 10_000_000)          // 100 MB/s
-        #expect(p.mightConverge(pendingBytes: 30_000_000, downtimeLimitMs: 300, maxBandwidth: 0))
-        #expect(!p.mightConverge(pendingBytes: 31_000_000, downtimeLimitMs: 300, maxBandwidth: 0))
-        #expect(!p.mightConverge(pendingBytes: 30_000_000, downtimeLimitMs: 300, maxBandwidth: 50_000_000), "the limit caps the estimate")
-        p.progress(now: 200_000_000, sent: 10_100_000)          // a near-empty window says nothing
-        #expect(p.mightConverge(pendingBytes: 30_000_000, downtimeLimitMs: 300, maxBandwidth: 0))
-        p.progress(now: 150_000_000, sent: 10_200_000)          // the clock went back: restart the window
-        p.progress(now: 250_000_000, sent: 20_200_000)
-        #expect(p.mightConverge(pendingBytes: 30_000_000, downtimeLimitMs: 300, maxBandwidth: 0))
-    }
-}

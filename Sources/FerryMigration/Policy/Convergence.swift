@@ -7,12 +7,7 @@
 /// shorter downtime, up to `maxExtraPasses`. With `autoSwitchPasses` > 0, that many passes
 /// in a row that did not shrink the best rest so far by a tenth switch to postcopy.
 ///
-/// As QEMU, a pass need not run to the end of RAM: while sending, `progress` refreshes the
-/// bandwidth estimate every 100 ms, and once what is still to send (no sync) would fit
-/// the downtime at that rate, `mightConverge` says to sync now and decide (QEMU's
-/// `ram_save_pending` syncs only then).
-///
-/// The bandwidth estimate needs at least 256 KiB in a pass or window (a near-empty one says
+/// The bandwidth estimate needs at least 256 KiB in a pass (a near-empty pass says
 /// nothing about the link); with `max-bandwidth` set it never exceeds it. A clock that goes
 /// backwards counts as no time passed.
 struct ConvergencePolicy: Sendable, Equatable {
@@ -31,7 +26,6 @@ struct ConvergencePolicy: Sendable, Equatable {
 
     static let minBytesForEstimate: UInt64 = 256 << 10
     static let maxExtraPasses = 8
-    static let windowNanos: UInt64 = 100_000_000
 
     private var lastSync: UInt64
     private var sentAtSync: UInt64
@@ -40,37 +34,11 @@ struct ConvergencePolicy: Sendable, Equatable {
     private var extraPasses = 0
     private var bestRemaining: UInt64
     private var stuckPasses: UInt64 = 0
-    private var windowStart: UInt64
-    private var windowSent: UInt64
 
     init(now: UInt64, sent: UInt64, ramBytes: UInt64) {
         lastSync = now
         sentAtSync = sent
-        windowStart = now
-        windowSent = sent
         bestRemaining = ramBytes
-    }
-
-    /// Sending goes on at `now` with `sent` bytes on the channel: every 100 ms, the rate over
-    /// the window becomes the estimate.
-    mutating func progress(now: UInt64, sent: UInt64) {
-        guard now > windowStart, now - windowStart >= Self.windowNanos else {
-            if now < windowStart { windowStart = now; windowSent = sent }
-            return
-        }
-        let bytes = sent > windowSent ? sent - windowSent : 0
-        if bytes >= Self.minBytesForEstimate { bandwidth = Double(bytes) / (Double(now - windowStart) / 1e9) }
-        windowStart = now
-        windowSent = sent
-    }
-
-    /// Whether `pendingBytes` still to send (counted without a sync) would fit the downtime
-    /// limit at the current estimate: then it is worth a sync and a decision now.
-    func mightConverge(pendingBytes: UInt64, downtimeLimitMs: UInt64, maxBandwidth: UInt64) -> Bool {
-        var b = bandwidth
-        if maxBandwidth > 0 { b = b > 0 ? min(b, Double(maxBandwidth)) : Double(maxBandwidth) }
-        guard b > 0 else { return false }
-        return Double(pendingBytes) / b * 1000 <= Double(downtimeLimitMs)
     }
 
     /// A pass ended at `now` with `sent` bytes on the channel so far and `dirtyPages` left.

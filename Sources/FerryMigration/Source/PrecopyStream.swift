@@ -63,15 +63,10 @@ extension OutgoingMigration {
             if uri.isBidirectional { pingIfDue() }
             try ch.write(header)
             try ch.flush()
-            let pending = UInt64(toSend.popcount()) << Wire.pageShift
-            updateStats { $0.remaining = pending }
-            policy.progress(now: Sys.monotonicNanos(), sent: ch.bytesWritten)
-            // As QEMU: sync early once what is left of the pass would fit the downtime
-            // (the scan then goes on from where it is).
-            let syncNow = passDone || policy.mightConverge(pendingBytes: pending, downtimeLimitMs: parameters.downtimeLimit, maxBandwidth: parameters.maxBandwidth)
-            guard syncNow else { continue }
+            updateStats { $0.remaining = UInt64(toSend.popcount()) << Wire.pageShift }
+            guard passDone else { continue }
 
-            // A sync: collect what the guest dirtied meanwhile.
+            // End of a pass: collect what the guest dirtied meanwhile.
             let now = Sys.monotonicNanos()
             try collectDirtyPages()
             let p = parameters
