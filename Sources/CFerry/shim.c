@@ -219,6 +219,30 @@ int ferry_page_is_zero(const void *page) {
     return 1;
 }
 
+static inline uint64_t ferry_splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+void ferry_fill_page_random(void *page, uint64_t seed, uint64_t page_number) {
+    uint64_t *w = page, x = seed ^ (page_number * 0xd1342543de82ef95ULL);
+    for (int i = 1; i < 512; i++) w[i] = ferry_splitmix64(&x);
+}
+
+int ferry_check_page_random(const void *page, uint64_t seed, uint64_t page_number) {
+    const uint64_t *w = page;
+    uint64_t x = seed ^ (page_number * 0xd1342543de82ef95ULL);
+    for (int i = 1; i < 512; i++) {
+        uint64_t v = ferry_splitmix64(&x);
+        if (w[i] != v) {
+            for (int b = 0; b < 8; b++) if (((w[i] ^ v) >> (8 * b)) & 0xff) return i * 8 + b;
+        }
+    }
+    return -1;
+}
+
 int ferry_set_thread_name(const char *name) {
     return -pthread_setname_np(pthread_self(), name);
 }

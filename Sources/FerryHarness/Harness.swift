@@ -40,15 +40,30 @@ public final class FerryProcess: @unchecked Sendable {
     }
 
     /// The same guest under QEMU (`qemu-system-x86_64`, KVM), for side-by-side numbers: the
-    /// test guest image of that RAM size (or `image`), serial to a file, QMP on a socket.
-    public convenience init(qemuDirectory directory: String, name: String, memory: Int, vcpus: Int = 1, image: String?, incoming: Bool, namespace: String? = nil) throws {
+    /// test guest image laid out as `guest` (or `image`), serial to a file, QMP on a socket.
+    /// With `random` contents the source's `pc.ram` is a private mapping of a file filled
+    /// the way `ferry run --fill-ram` fills RAM (`memory-backend-file`, `share=off`), and
+    /// the destination's an anonymous `memory-backend-ram` of the same id.
+    public convenience init(qemuDirectory directory: String, name: String, guest: TestGuestLayout, image: String?, incoming: Bool, namespace: String? = nil) throws {
         var img = image ?? ""
         if image == nil {
             img = "\(directory)/\(name)-guest.img"
-            FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(memory: memory, vcpus: vcpus)))
+            FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(guest)))
+        }
+        var machine = ["-machine", "pc,accel=kvm"]
+        if guest.contents != .zero {
+            let size = "size=\(guest.memory >> 20)M"
+            if incoming {
+                machine += ["-object", "memory-backend-ram,id=pc.ram,\(size)"]
+            } else {
+                let file = "\(directory)/\(name)-ram.bin"
+                try writeFilledRAM(guest, to: file)
+                machine += ["-object", "memory-backend-file,id=pc.ram,\(size),mem-path=\(file),share=off"]
+            }
+            machine[1] += ",memory-backend=pc.ram"
         }
         try self.init(directory: directory, name: name, program: "/usr/bin/qemu-system-x86_64", namespace: namespace) { qmp, serial in
-            ["-machine", "pc,accel=kvm", "-m", "\(memory >> 20)M", "-smp", "\(vcpus)", "-drive", "file=\(img),format=raw,if=ide",
+            machine + ["-m", "\(guest.memory >> 20)M", "-smp", "\(guest.vcpus)", "-drive", "file=\(img),format=raw,if=ide",
              "-display", "none", "-vga", "none", "-nodefaults", "-serial", "file:\(serial)",
              "-qmp", "unix:\(qmp),server=on,wait=off"] + (incoming ? ["-incoming", "defer"] : [])
         }
@@ -100,7 +115,8 @@ public final class FerryProcess: @unchecked Sendable {
     /// Stops the guest, dumps its RAM with pmemsave (one dump per part of `pc.ram`, on
     /// each side of the hole below 4 GiB, mapped back to back as the block's offsets) and
     /// runs the memory check on it.
-    public func checkMemory(size: Int, vcpus: Int = 1, scratch: String) throws -> TestGuestChecker.Report {
+    public func checkMemory(_ guest: TestGuestLayout, scratch: String) throws -> TestGuestChecker.Report {
+        let size = guest.memory
         try qmp.execute("stop")
         let parts = GuestMemory.pcMappings(size: size)
         let files = parts.indices.map { "\(scratch).\($0)" }
@@ -121,8 +137,30 @@ public final class FerryProcess: @unchecked Sendable {
                 throw SysError(errno: errno, call: "mmap(\(f))")
             }
         }
-        return TestGuestChecker(layout: TestGuestLayout(memory: size, vcpus: vcpus)).check(base: base, size: size)
+        return TestGuestChecker(layout: guest).check(base: base, size: size)
     }
+}
+
+/// A `pc.ram` image for QEMU's `memory-backend-file`: sparse, with `guest.contents` in the
+/// pages the guest walks.
+func writeFilledRAM(_ guest: TestGuestLayout, to path: String) throws {
+    let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    guard fd >= 0 else { throw SysError(errno: errno, call: "open(\(path))") }
+    defer { close(fd) }
+    guard ftruncate(fd, off_t(guest.memory)) == 0 else { throw SysError(errno: errno, call: "ftruncate(\(path))") }
+    guard let p = mmap(nil, guest.memory, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+        throw SysError(errno: errno, call: "mmap(\(path))")
+    }
+    defer { munmap(p, guest.memory) }
+    guest.fill(base: p, size: guest.memory)
+}
+
+/// `ferry run` arguments for the test guest laid out as `guest`.
+public func ferryGuestArguments(_ guest: TestGuestLayout, touched: Int?) -> [String] {
+    var a = ["--memory", String(guest.memory), "--smp", String(guest.vcpus)]
+    if let touched { a += ["--touch-ram", String(touched)] }
+    if guest.contents != .zero { a += ["--fill-ram", guest.contents.description] }
+    return a
 }
 
 /// Makes test TLS credentials in `directory` (QEMU's tls-creds-x509 layout: server/, client/,
@@ -245,7 +283,15 @@ public struct PrecopyScenario: Sendable {
     /// TLS credentials directory (scripts/tls-creds.sh layout); nil = plain.
     public var tlsDirectory: String?
     public var vcpus = 1
+    /// The test guest walks this much RAM (all by default) ...
+    public var touched: Int?
+    /// ... holding this.
+    public var contents: TestGuestContents = .zero
+    /// Capabilities and parameters set on both ends (QEMU's names), e.g. xbzrle.
+    public var capabilities: [String] = []
+    public var parameters: [String: UInt64] = [:]
     public init(name: String, memory: Int, guestImage: String? = nil) { self.name = name; self.memory = memory; self.guestImage = guestImage }
+    public var guest: TestGuestLayout { TestGuestLayout(memory: memory, vcpus: vcpus, touched: touched, contents: contents) }
 }
 
 public func qmpNumber(_ v: Any?) -> UInt64 { (v as? NSNumber)?.uint64Value ?? 0 }
@@ -259,11 +305,13 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     var guestArgs: [String] = []
     if let g = scenario.guestImage { guestArgs = ["--guest", g] }
     let qemu = scenario.engine == .qemu
+    let guest = scenario.guest
     let shape = ["--memory", String(scenario.memory), "--smp", String(scenario.vcpus)]
-    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: scenario.memory, vcpus: scenario.vcpus, image: scenario.guestImage, incoming: false)
-                   : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: shape + guestArgs)
+    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", guest: guest, image: scenario.guestImage, incoming: false)
+                   : try FerryProcess(executable: executable, directory: directory, name: "src",
+                                      arguments: scenario.guestImage == nil ? ferryGuestArguments(guest, touched: scenario.touched) : shape + guestArgs)
     defer { src.terminate() }
-    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: scenario.memory, vcpus: scenario.vcpus, image: scenario.guestImage, incoming: true)
+    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", guest: guest, image: scenario.guestImage, incoming: true)
                    : try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: shape + ["--incoming", "defer"])
     defer { dst.terminate() }
     if scenario.guestImage == nil { src.waitForSerial(3, seconds: 60) } else { usleep(200_000) }
@@ -278,7 +326,13 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
        let addr = (q["socket-address"] as? [[String: Any]])?.first, addr["type"] as? String == "inet" {
         target = "tcp:\(addr["host"]!):\(addr["port"]!)"
     }
-    try src.qmp.execute("migrate-set-parameters", ["max-bandwidth": scenario.maxBandwidth, "downtime-limit": scenario.downtimeLimit])
+    if !scenario.capabilities.isEmpty {
+        for p in [src, dst] { try p.qmp.execute("migrate-set-capabilities", ["capabilities": scenario.capabilities.map { ["capability": $0, "state": true] }]) }
+    }
+    var parameters: [String: Any] = scenario.parameters
+    parameters["max-bandwidth"] = scenario.maxBandwidth
+    parameters["downtime-limit"] = scenario.downtimeLimit
+    try src.qmp.execute("migrate-set-parameters", parameters)
     try src.qmp.execute("migrate", ["uri": target])
     let start = Sys.monotonicNanos()
     var info: [String: Any] = [:]
@@ -311,7 +365,7 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
         dst.waitForSerial(before + 2, seconds: 60)
         let dinfo = try dst.qmp.execute("query-migrate") as? [String: Any] ?? [:]
         run.guestClockGapUs = (dinfo["x-guest-clock-gap-us"] as? NSNumber)?.doubleValue
-        let report = try dst.checkMemory(size: scenario.memory, vcpus: scenario.vcpus, scratch: "\(directory)/dst-ram.bin")
+        let report = try dst.checkMemory(guest, scratch: "\(directory)/dst-ram.bin")
         run.memoryCheckPassed = report.passed
         run.memoryCheck = report.description
     }
@@ -319,7 +373,7 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
         let status = try src.qmp.execute("query-status") as? [String: Any]
         let before = src.serialBytes
         let running = status?["status"] as? String == "running" && src.waitForSerial(before + 1, seconds: 30)
-        run.sourceIntactAfterCancel = try running && src.checkMemory(size: scenario.memory, vcpus: scenario.vcpus, scratch: "\(directory)/src-ram.bin").passed
+        run.sourceIntactAfterCancel = try running && src.checkMemory(guest, scratch: "\(directory)/src-ram.bin").passed
     }
     return run
 }

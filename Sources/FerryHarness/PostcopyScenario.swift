@@ -1,5 +1,6 @@
 import FerrySys
 import Foundation
+import FerryMachine
 import Glibc
 
 /// A postcopy migration between two `ferry run` processes, optionally with a link failure
@@ -11,6 +12,10 @@ public struct PostcopyScenario: Sendable {
     public var name: String
     public var memory: Int
     public var vcpus = 1
+    /// The test guest walks this much RAM (all by default), holding `contents`.
+    public var touched: Int?
+    public var contents: TestGuestContents = .zero
+    public var guest: TestGuestLayout { TestGuestLayout(memory: memory, vcpus: vcpus, touched: touched, contents: contents) }
     /// max-bandwidth and max-postcopy-bandwidth, bytes/s (0 = unlimited).
     public var bandwidth: UInt64 = 125_000_000
     public var preempt = false
@@ -104,10 +109,12 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     defer { link?.teardown() }
     let mem = ["--memory", String(sc.memory), "--smp", String(sc.vcpus)]
     let qemu = sc.engine == .qemu
-    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", memory: sc.memory, vcpus: sc.vcpus, image: nil, incoming: false, namespace: link?.sourceNamespace)
-                   : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: mem, namespace: link?.sourceNamespace)
+    let guest = sc.guest
+    let src = qemu ? try FerryProcess(qemuDirectory: directory, name: "src", guest: guest, image: nil, incoming: false, namespace: link?.sourceNamespace)
+                   : try FerryProcess(executable: executable, directory: directory, name: "src", arguments: ferryGuestArguments(guest, touched: sc.touched),
+                                      namespace: link?.sourceNamespace)
     defer { src.terminate() }
-    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", memory: sc.memory, vcpus: sc.vcpus, image: nil, incoming: true, namespace: link?.destinationNamespace)
+    let dst = qemu ? try FerryProcess(qemuDirectory: directory, name: "dst", guest: guest, image: nil, incoming: true, namespace: link?.destinationNamespace)
                    : try FerryProcess(executable: executable, directory: directory, name: "dst", arguments: mem + ["--incoming", "defer"],
                                       namespace: link?.destinationNamespace)
     defer { dst.terminate() }
@@ -276,7 +283,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     if run.status == "completed" {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)
-        let report = try dst.checkMemory(size: sc.memory, vcpus: sc.vcpus, scratch: "\(directory)/dst-ram.bin")
+        let report = try dst.checkMemory(guest, scratch: "\(directory)/dst-ram.bin")
         run.memoryCheckPassed = report.passed
         run.memoryCheck = report.description
     }

@@ -63,8 +63,10 @@ public final class Machine: @unchecked Sendable {
     }
     public func loadBootSector(_ image: [UInt8]) throws(MachineError) { try core.loadBootSector(image) }
     /// Loads the built-in test guest laid out for this machine (`touching` bytes of RAM
-    /// walked, all of it by default).
-    public func loadTestGuest(touching: Int? = nil) throws(MachineError) { try core.loadTestGuest(touching: touching) }
+    /// walked, all of it by default), its pages filled with `contents` first.
+    public func loadTestGuest(touching: Int? = nil, contents: TestGuestContents = .zero) throws(MachineError) {
+        try core.loadTestGuest(touching: touching, contents: contents)
+    }
     public var state: VCPURunState { core.state }
     public var lastError: String? { core.lastError }
     /// Port and MMIO accesses to devices Ferry does not model (ignored; reads give 0xff).
@@ -192,8 +194,9 @@ final class MachineCore: @unchecked Sendable {
         }
     }
 
-    func loadTestGuest(touching: Int?) throws(MachineError) {
-        let layout = TestGuestLayout(memory: ram.length, vcpus: vcpus.count, touched: touching)
+    func loadTestGuest(touching: Int?, contents: TestGuestContents) throws(MachineError) {
+        let layout = TestGuestLayout(memory: ram.length, vcpus: vcpus.count, touched: touching, contents: contents)
+        layout.fill(base: ram.host, size: ram.length)
         try loadBootSector(TestGuest.image(layout))
     }
 

@@ -1,4 +1,34 @@
+import CFerry
 import FerryMemory
+
+/// What the pages the test guest walks hold besides the byte it increments on each pass.
+public enum TestGuestContents: Sendable, Equatable, CustomStringConvertible {
+    /// Zero but for that byte: the easy case, every page a run of zeros.
+    case zero
+    /// Bytes 8-4095 of every walked page pseudo-random (a stream seeded by `seed` and the
+    /// page's guest-physical page number), written from the host before the guest starts
+    /// (the guest itself would take ~20 minutes for 512 MiB here). Never zero and
+    /// incompressible, while the guest still changes one byte per page per pass; the memory
+    /// check verifies the filled bytes too.
+    case random(seed: UInt64)
+
+    public static let defaultSeed: UInt64 = 0x4645_5252_5952_4e44 // "FERRYRND"
+
+    /// `zero`, `random` or `random:SEED`.
+    public init?(argument: String) {
+        if argument == "zero" { self = .zero; return }
+        if argument == "random" { self = .random(seed: Self.defaultSeed); return }
+        guard argument.hasPrefix("random:"), let s = UInt64(argument.dropFirst(7)) else { return nil }
+        self = .random(seed: s)
+    }
+
+    public var description: String {
+        switch self {
+        case .zero: "zero"
+        case .random(let s): s == Self.defaultSeed ? "random" : "random:\(s)"
+        }
+    }
+}
 
 /// Where the test guest (guest/testguest.asm) keeps its counters and walks its pages, for
 /// a machine of `memory` bytes and `vcpus` vCPUs. The image's configuration block and
@@ -20,15 +50,18 @@ public struct TestGuestLayout: Sendable, Equatable {
 
     public let memory: Int
     public let vcpus: Int
+    /// What the walked pages hold (the memory check verifies it).
+    public let contents: TestGuestContents
     /// The RAM's guest mappings (the hole below 4 GiB from 3.5 GiB of RAM on).
     public let mappings: [GuestMapping]
     /// Each vCPU's stripe: guest-physical [start, end); it skips from the end of low RAM to 4 GiB.
     public let stripes: [Range<UInt64>]
 
     /// `touched`: how much RAM (from address 0 in RAM order) the guest walks; all of it by default.
-    public init(memory: Int, vcpus: Int, touched: Int? = nil) {
+    public init(memory: Int, vcpus: Int, touched: Int? = nil, contents: TestGuestContents = .zero) {
         self.memory = memory
         self.vcpus = vcpus
+        self.contents = contents
         self.mappings = GuestMemory.pcMappings(size: memory)
         let walked = max(0, min(touched ?? memory, memory) - Int(Self.walkStart)) / targetPageSize
         let maps = mappings
@@ -64,6 +97,18 @@ public struct TestGuestLayout: Sendable, Equatable {
             if a == lowTop, mappings.count > 1 { a = mappings[1].guestAddress }
         }
         return out
+    }
+
+    /// Writes `contents` into every walked page of `pc.ram` (block offset 0 at `base`,
+    /// `size` bytes): before the guest starts, on the host side.
+    public func fill(base: UnsafeMutableRawPointer, size: Int) {
+        guard case .random(let seed) = contents else { return }
+        for i in 0..<vcpus {
+            for a in pages(ofStripe: i) {
+                guard let o = offset(of: a), o + targetPageSize <= size else { continue }
+                ferry_fill_page_random(base + o, seed, a >> 12)
+            }
+        }
     }
 
     /// The block offset of guest-physical `gpa` in `pc.ram`.
@@ -102,6 +147,7 @@ public enum TestGuest {
 /// - the stripe's value is the vCPU's own pass count, or one more while a pass is under way;
 /// - the shared total (incremented with `lock inc`) is the sum of the per-vCPU counts, less
 ///   at most one per vCPU (counted in its own counter, not yet in the total);
+/// - with `random` contents, bytes 8-4095 of every walked page are the fill's;
 /// - no exception was taken; the PIT ticks never run ahead of the guest's TSC (`tscKHz`),
 ///   and the TSC never goes back.
 /// Any other difference is a lost, stale or duplicated page.
@@ -169,6 +215,10 @@ public struct TestGuestChecker: Sendable {
             for a in pages {
                 guard let b = byte(a) else { r.problem("0x\(String(a, radix: 16)) is outside RAM", limit: maxReported); continue }
                 r.pagesChecked += 1
+                if case .random(let seed) = l.contents, let o = l.offset(of: a), o + targetPageSize <= size {
+                    let at = ferry_check_page_random(base + o, seed, a >> 12)
+                    if at >= 0 { r.problem("0x\(String(a, radix: 16)): byte \(at) differs from the random fill", limit: maxReported) }
+                }
                 if b == last { continue }
                 if b &+ 1 == last && !step { step = true; last = b; continue }
                 r.problem("vCPU \(i) stripe: 0x\(String(a, radix: 16)) expected \(last) (or \(last &- 1) once), found \(b)", limit: maxReported)
@@ -205,9 +255,10 @@ public struct TestGuestChecker: Sendable {
 }
 
 extension Machine {
-    /// The memory check for the test guest on this machine (walking `touched` bytes, all by default).
-    public func checkTestGuest(touched: Int? = nil) -> TestGuestChecker.Report {
-        TestGuestChecker(layout: TestGuestLayout(memory: ram.length, vcpus: vcpuCount, touched: touched), tscKHz: tscKHz)
+    /// The memory check for the test guest on this machine (walking `touched` bytes, all by
+    /// default, holding `contents`).
+    public func checkTestGuest(touched: Int? = nil, contents: TestGuestContents = .zero) -> TestGuestChecker.Report {
+        TestGuestChecker(layout: TestGuestLayout(memory: ram.length, vcpus: vcpuCount, touched: touched, contents: contents), tscKHz: tscKHz)
             .check(base: ram.host, size: ram.length)
     }
 }

@@ -50,6 +50,17 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
     static var helpText: String { "bytes, 0x hex, or with a K/M/G/T suffix" }
 }
 
+extension TestGuestContents: ExpressibleByArgument {}
+
+/// How the built-in test guest is laid out and filled (`ferry run`, `ferry check-memory`).
+struct TestGuestOptions: ParsableArguments {
+    @Option(help: "Built-in test guest: how much RAM it walks (from address 0), e.g. 1G of a 64G guest; all of it by default.")
+    var touchRAM: ByteSize?
+
+    @Option(help: "Built-in test guest: what its pages hold besides the byte it increments: zero, or random[:SEED] (filled from the host before it starts).")
+    var fillRAM: TestGuestContents = .zero
+}
+
 extension SerialSink: ExpressibleByArgument {
     public init?(argument: String) {
         switch argument {
@@ -115,6 +126,8 @@ struct Run: ParsableCommand {
     var append: String = "console=ttyS0 earlyprintk=ttyS0"
 
 
+    @OptionGroup var testGuest: TestGuestOptions
+
     @Option(help: "Where guest serial (COM1) output goes: stdio, none, or a file path.")
     var serial: SerialSink = .stdout
 
@@ -160,7 +173,9 @@ struct Run: ParsableCommand {
             } else {
                 if let kernel {
                     try machine.loadLinux(kernel: try readFile(kernel), initrd: try initrd.map(readFile), commandLine: append)
-                } else if let guest { try machine.loadBootSector(try readFile(guest)) } else { try machine.loadTestGuest() }
+                } else if let guest { try machine.loadBootSector(try readFile(guest)) } else {
+                    try machine.loadTestGuest(touching: testGuest.touchRAM?.bytes, contents: testGuest.fillRAM)
+                }
                 if !paused { try host.cont() }
             }
             machine.onGuestStop = { state, message in
@@ -242,12 +257,15 @@ struct GuestImage: ParsableCommand {
     @Option(help: "Output image path.")
     var output: String
 
+    @Option(help: "How much RAM the guest walks (from address 0), e.g. 1G; all of it by default.")
+    var touchRAM: ByteSize?
+
     func run() throws {
         guard memory.bytes >= 2 << 20, memory.bytes <= MachineShape.maxMemory else {
             fail("--memory \(memory.bytes): the test guest runs in 2 MiB to \(MachineShape.maxMemory >> 30) GiB of RAM")
         }
         guard (1...Machine.maxVCPUs).contains(smp) else { fail("--smp \(smp): 1 to \(Machine.maxVCPUs) vCPUs") }
-        let layout = TestGuestLayout(memory: memory.bytes, vcpus: smp)
+        let layout = TestGuestLayout(memory: memory.bytes, vcpus: smp, touched: touchRAM?.bytes)
         let image = TestGuest.image(layout)
         do { try writeFile(output, image) } catch { fail("\(error)") }
         print("wrote \(output): \(image.count)-byte image for \(smp) vCPU\(smp == 1 ? "" : "s") and \(memory.bytes >> 20) MiB")
@@ -268,12 +286,14 @@ struct CheckMemory: ParsableCommand {
     @Option(help: "The guest's vCPU count (as given to guest-image).")
     var smp: Int = 1
 
+    @OptionGroup var testGuest: TestGuestOptions
+
     func run() throws {
         let bytes: [UInt8]
         do { bytes = try readFile(dump) } catch { fail("\(error)") }
         guard bytes.count > 0x10_0000 else { fail("\(dump) holds \(bytes.count) bytes; the test guest's pages start at 1 MiB") }
         guard memory.bytes < GuestMemory.pcSplitAbove else { fail("check-memory reads dumps of guests below 3.5 GiB (no hole in the dump)") }
-        let layout = TestGuestLayout(memory: memory.bytes, vcpus: smp)
+        let layout = TestGuestLayout(memory: memory.bytes, vcpus: smp, touched: testGuest.touchRAM?.bytes, contents: testGuest.fillRAM)
         let report = bytes.withUnsafeBytes { TestGuestChecker(layout: layout).check(base: $0.baseAddress!, size: $0.count) }
         print(report)
         if !report.passed { throw ExitCode(1) }

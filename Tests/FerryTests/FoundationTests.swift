@@ -23,6 +23,25 @@ struct MachineTests {
         m.stop()
     }
 
+    @Test("random contents: filled from the host, kept while the guest counts, a changed byte of the fill is caught")
+    func randomContents() throws {
+        let contents = TestGuestContents.random(seed: 7)
+        let m = try runningTestGuest(memory: 16 << 20, vcpus: 2, passes: 2, contents: contents)
+        defer { m.stop() }
+        m.pause()
+        let page = m.ram.host + 0x20_0000
+        #expect(page.load(fromByteOffset: 104, as: UInt64.self) != 0, "the fill left a zero word")
+        #expect(ferry_page_is_zero(page) == 0)
+        let good = checkMemory(m, contents: contents)
+        #expect(good.passed, "\(good)")
+        #expect(!checkMemory(m, contents: .random(seed: 8)).passed, "another seed's fill passed the check")
+        page.storeBytes(of: page.load(fromByteOffset: 4095, as: UInt8.self) ^ 1, toByteOffset: 4095, as: UInt8.self)
+        let bad = checkMemory(m, contents: contents)
+        #expect(bad.problemCount == 1 && bad.problems.first?.contains("0x200000: byte 4095") == true, "\(bad)")
+        #expect(TestGuestContents(argument: "random:7") == contents && TestGuestContents(argument: "random") != nil
+                && TestGuestContents(argument: "zero") == .zero && TestGuestContents(argument: "rand") == nil)
+    }
+
     @Test("pause stops the guest completely; resume lets it continue")
     func pauseResume() throws {
         let m = try Machine(memorySize: 16 << 20)

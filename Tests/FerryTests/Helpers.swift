@@ -45,9 +45,9 @@ func stopInBackground(_ hosts: [VMHost]) {
 }
 
 /// A machine running the test guest, after `passes` passes of its vCPUs.
-func runningTestGuest(memory: Int, vcpus: Int, passes: Int) throws -> Machine {
+func runningTestGuest(memory: Int, vcpus: Int, passes: Int, contents: TestGuestContents = .zero) throws -> Machine {
     let m = try Machine(memorySize: memory, vcpus: vcpus)
-    try m.loadTestGuest()
+    try m.loadTestGuest(contents: contents)
     try m.start()
     #expect(waitForPasses(m, passes))
     return m
@@ -73,8 +73,8 @@ func waitForPasses(_ m: Machine, _ n: Int, seconds: Double = 30) -> Bool {
     return waitUntil(seconds: seconds) { m.serial.bytesWritten >= start + n }
 }
 
-func checkMemory(_ m: Machine, touched: Int? = nil) -> TestGuestChecker.Report {
-    m.checkTestGuest(touched: touched)
+func checkMemory(_ m: Machine, touched: Int? = nil, contents: TestGuestContents = .zero) -> TestGuestChecker.Report {
+    m.checkTestGuest(touched: touched, contents: contents)
 }
 
 /// Waits until vCPU 0 sleeps in HLT (KVM keeps a halted vCPU in the kernel: it is asked

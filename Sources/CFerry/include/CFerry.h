@@ -118,4 +118,10 @@ int ferry_eventfd(unsigned int initial);
 // True when every byte of the 4 KiB page is zero (vectorised by the compiler).
 int ferry_page_is_zero(const void *page);
 
+// The test guest's "random" page contents: bytes 8..4095 of a page from a splitmix64
+// stream seeded by (seed, page number); the first 8 bytes are the guest's (left alone).
+void ferry_fill_page_random(void *page, uint64_t seed, uint64_t page_number);
+// The first byte offset (8..4095) where `page` differs from that fill, or -1.
+int ferry_check_page_random(const void *page, uint64_t seed, uint64_t page_number);
+
 #endif
