@@ -5,7 +5,7 @@ import FerryWire
 /// and the lower layer's error that caused it.
 public struct MigrationError: Error, CustomStringConvertible, Sendable {
     public enum Code: String, Sendable {
-        case badURI, connect, io, closed, protocolError, state, cancelled, config, unsupported, timeout, tls
+        case badURI, connect, io, closed, protocolError, state, cancelled, config, unsupported, timeout, tls, resource
         /// The operator paused postcopy (`migrate-pause`): not a link failure.
         case paused
         /// The peer reported its own failure (the destination's error message or SHUT).

@@ -53,7 +53,7 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
     /// Capabilities whose behaviour Ferry does not have; enabling them is refused.
     public var isUnsupported: Bool {
         switch self {
-        case .xbzrle, .rdmaPinAll, .xColo, .multifd, .backgroundSnapshot, .mappedRAM, .xIgnoreShared, .zeroCopySend: true
+        case .rdmaPinAll, .xColo, .multifd, .backgroundSnapshot, .mappedRAM, .xIgnoreShared, .zeroCopySend: true
         default: false
         }
     }
@@ -82,6 +82,8 @@ public struct MigrationParameters: Sendable, Equatable {
     public var tlsCreds: String = ""
     /// The name the destination's certificate must carry; "" = the host of the URI.
     public var tlsHostname: String = ""
+    /// Bytes of the XBZRLE page cache (a power of two of at least a page). QEMU: 64 MiB.
+    public var xbzrleCacheSize: UInt64 = 64 << 20
     public init() {}
 }
 
@@ -131,12 +133,33 @@ public struct MigrationStats: Sendable {
     public var tls: String?
     /// Where the last switch-over's time went, step by step (`x-switchover-us`).
     public var switchover: SwitchoverTimeline?
+    /// With the `xbzrle` capability (`query-migrate`'s `xbzrle-cache`).
+    public var xbzrle: XBZRLEReport?
 
     public var totalTimeMs: UInt64 {
         guard startNanos > 0 else { return 0 }
         return ((endNanos ?? Sys.monotonicNanos()) - startNanos) / 1_000_000
     }
     public init() {}
+}
+
+/// QEMU's `XBZRLECacheStats`: totals over the migration, the rates over the last pass.
+public struct XBZRLEReport: Sendable, Equatable {
+    public var cacheSize: UInt64
+    /// Wire bytes of the delta pages (and of overflowed pages, a page each, as QEMU counts).
+    public var bytes: UInt64 = 0
+    /// Pages sent as deltas.
+    public var pages: UInt64 = 0
+    public var cacheMiss: UInt64 = 0
+    public var cacheMissRate: Double = 0
+    /// Page bytes over delta bytes, over the last pass (0: no delta sent).
+    public var encodingRate: Double = 0
+    public var overflow: UInt64 = 0
+    public init(cacheSize: UInt64, bytes: UInt64 = 0, pages: UInt64 = 0, cacheMiss: UInt64 = 0, cacheMissRate: Double = 0,
+                encodingRate: Double = 0, overflow: UInt64 = 0) {
+        self.cacheSize = cacheSize; self.bytes = bytes; self.pages = pages; self.cacheMiss = cacheMiss
+        self.cacheMissRate = cacheMissRate; self.encodingRate = encodingRate; self.overflow = overflow
+    }
 }
 
 /// The steps of one switch-over and the microseconds each took, in order: on the source

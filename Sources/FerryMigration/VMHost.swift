@@ -247,9 +247,9 @@ public final class VMHost: @unchecked Sendable {
         return nil
     }
 
-    /// Boots the built-in test guest or a boot sector and runs it.
-    public func boot(image: [UInt8]?) throws {
-        if let image { try machine.loadBootSector(image) } else { try machine.loadTestGuest() }
+    /// Boots the built-in test guest (its pages holding `contents`) or a boot sector and runs it.
+    public func boot(image: [UInt8]?, contents: TestGuestContents = .zero) throws {
+        if let image { try machine.loadBootSector(image) } else { try machine.loadTestGuest(contents: contents) }
         try cont()
     }
 

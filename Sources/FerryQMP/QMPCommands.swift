@@ -114,6 +114,12 @@ enum QMPCommands {
                     case "auto-recover-timeout": p.autoRecoverTimeout = try uint(v, k)
                     case "postcopy-device-timeout": p.postcopyDeviceTimeout = try uint(v, k)
                     case "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses = try uint(v, k)
+                    case "xbzrle-cache-size":
+                        let size = try uint(v, k)
+                        guard size >= UInt64(Wire.pageSize), size & (size - 1) == 0 else {
+                            throw QMPError("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size")
+                        }
+                        p.xbzrleCacheSize = size
                     // QEMU takes a string here ("" = off); a null also turns TLS off.
                     case "tls-creds": p.tlsCreds = v is NSNull ? "" : try string(args, k)
                     case "tls-hostname": p.tlsHostname = v is NSNull ? "" : try string(args, k)
@@ -129,7 +135,7 @@ enum QMPCommands {
             return ["max-bandwidth": p.maxBandwidth, "downtime-limit": p.downtimeLimit, "max-postcopy-bandwidth": p.maxPostcopyBandwidth,
                     "heartbeat-timeout": p.heartbeatTimeout, "auto-recover-timeout": p.autoRecoverTimeout,
                     "postcopy-device-timeout": p.postcopyDeviceTimeout,
-                    "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses, "tls-creds": p.tlsCreds, "tls-hostname": p.tlsHostname, "tls-authz": ""]
+                    "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses, "xbzrle-cache-size": p.xbzrleCacheSize, "tls-creds": p.tlsCreds, "tls-hostname": p.tlsHostname, "tls-authz": ""]
         default:
             throw QMPError("The command \(name) has not been found", class: "CommandNotFound")
         }
@@ -186,6 +192,10 @@ enum QMPCommands {
             "skipped": 0, "dirty-sync-missed-zero-copy": 0,
             "x-auto-postcopy": s.autoSwitched,
         ] as [String: Any]
+        if let x = s.xbzrle {
+            r["xbzrle-cache"] = ["cache-size": x.cacheSize, "bytes": x.bytes, "pages": x.pages, "cache-miss": x.cacheMiss,
+                                 "cache-miss-rate": x.cacheMissRate, "encoding-rate": x.encodingRate, "overflow": x.overflow] as [String: Any]
+        }
         return r
     }
 

@@ -69,7 +69,7 @@ public struct RAMFlags: OptionSet, Sendable {
     public static let xbzrle = RAMFlags(rawValue: 0x40)
     public static let hook = RAMFlags(rawValue: 0x80)
     public static let multifdFlush = RAMFlags(rawValue: 0x200)
-    public static let known: RAMFlags = [.zero, .memSize, .page, .eos, .continue]
+    public static let known: RAMFlags = [.zero, .memSize, .page, .eos, .continue, .xbzrle]
 }
 
 /// `QEMU_VM_COMMAND` numbers.

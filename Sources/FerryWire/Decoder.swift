@@ -44,6 +44,8 @@ public enum RAMRecord: Sendable, Equatable {
     case memSize(blocks: [RAMLayout.Block])
     case page(block: Int, offset: UInt64)
     case zero(block: Int, offset: UInt64)
+    /// An XBZRLE delta of `length` bytes (at most a page) follows; the caller reads it.
+    case xbzrle(block: Int, offset: UInt64, length: Int)
     case eos
 }
 
@@ -229,6 +231,13 @@ public final class StreamDecoder {
             return .zero(block: block, offset: offset)
         }
         if kind == .page { return .page(block: block, offset: offset) }
+        if kind == .xbzrle {
+            let encoding = try source.u8()
+            guard encoding == XBZRLE.encodingFlag else { throw WireError(.badPayload, "XBZRLE page with encoding flag \(encoding)") }
+            let length = Int(try source.be16())
+            guard length <= Wire.pageSize else { throw WireError(.badLength, "XBZRLE page of \(length) bytes, more than a page") }
+            return .xbzrle(block: block, offset: offset, length: length)
+        }
         throw WireError(.badFlags, "RAM record flags 0x\(String(flags.rawValue, radix: 16))")
     }
 

@@ -13,11 +13,15 @@ struct Pair {
     let destination: VMHost
     let lifetime: StopsOnRelease
 
-    init(memory: Int = 64 << 20, vcpus: Int = testVCPUs) throws {
+    /// What the guest's pages hold (the memory check verifies it).
+    let contents: TestGuestContents
+
+    init(memory: Int = 64 << 20, vcpus: Int = testVCPUs, contents: TestGuestContents = .zero) throws {
         source = try VMHost.forTest(memory: memory, vcpus: vcpus, incoming: false)
         destination = try VMHost.forTest(memory: memory, vcpus: vcpus, incoming: true)
         lifetime = StopsOnRelease([source, destination])
-        try source.boot(image: nil)
+        self.contents = contents
+        try source.boot(image: nil, contents: contents)
         #expect(waitForPasses(source.machine, 2))
     }
 
@@ -31,7 +35,7 @@ struct Pair {
         #expect(destination.runState == .running)
         #expect(waitForPasses(destination.machine, 2), "the destination guest is not counting")
         destination.machine.pause()
-        let report = checkMemory(destination.machine)
+        let report = checkMemory(destination.machine, contents: contents)
         #expect(report.passed, "\(report)")
     }
 }

@@ -35,6 +35,9 @@ final class PageInstaller: @unchecked Sendable {
         installed(Int(offset >> UInt64(Wire.pageShift)))
     }
 
+    /// A postcopy page is placed whole (UFFDIO_COPY); QEMU sends no delta then either.
+    static let deltaInPostcopy = MigrationError(.protocolError, "an XBZRLE page in postcopy: postcopy pages are sent whole")
+
     @inline(__always) private func installed(_ page: Int) {
         received.set(page)
         if requested.test(page) { faults.installed(page: page) }
@@ -48,6 +51,7 @@ final class PageInstaller: @unchecked Sendable {
             case .memSize: throw MigrationError(.protocolError, "RAM setup during postcopy")
             case let .page(b, offset): try page(b, offset, from: ch)
             case let .zero(b, offset): try zero(b, offset)
+            case .xbzrle: throw Self.deltaInPostcopy
             }
         }
     }
@@ -74,6 +78,7 @@ extension IncomingMigration {
                     case .memSize: throw MigrationError(.protocolError, "RAM setup on the urgent channel")
                     case let .page(b, offset): try installer.page(b, offset, from: pc)
                     case let .zero(b, offset): try installer.zero(b, offset)
+                    case .xbzrle: throw PageInstaller.deltaInPostcopy
                     }
                 }
             } catch {

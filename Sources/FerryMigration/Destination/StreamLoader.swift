@@ -148,6 +148,14 @@ extension IncomingMigration {
                     p.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.pageSize)
                 }
                 received.set(page)
+            case let .xbzrle(b, offset, length):
+                // The delta applies to the page as it is here (what the source sent before).
+                try withUnsafeTemporaryAllocation(byteCount: Wire.pageSize, alignment: 8) { encoded in
+                    let data = UnsafeMutableRawBufferPointer(rebasing: encoded[0..<length])
+                    try ch.readExactly(data)
+                    try XBZRLE.decode(UnsafeRawBufferPointer(data), into: blocks[b].host + Int(offset), count: Wire.pageSize)
+                }
+                received.set(Int(offset >> UInt64(Wire.pageShift)))
             }
         }
     }

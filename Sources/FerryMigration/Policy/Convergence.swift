@@ -7,6 +7,10 @@
 /// shorter downtime, up to `maxExtraPasses`. With `autoSwitchPasses` > 0, that many passes
 /// in a row that did not shrink the best rest so far by a tenth switch to postcopy.
 ///
+/// The rest is costed at what a dirty page cost on the wire in the last pass (`pagesSent`
+/// given, from the second pass on: XBZRLE deltas, zero pages), at most a page: with XBZRLE a
+/// one-word change costs a few bytes, and the rest would never "fit" at a page each.
+///
 /// The bandwidth estimate needs at least 256 KiB in a pass (a near-empty pass says
 /// nothing about the link); with `max-bandwidth` set it never exceeds it. A clock that goes
 /// backwards counts as no time passed.
@@ -34,6 +38,7 @@ struct ConvergencePolicy: Sendable, Equatable {
     private var extraPasses = 0
     private var bestRemaining: UInt64
     private var stuckPasses: UInt64 = 0
+    private var passes = 0
 
     init(now: UInt64, sent: UInt64, ramBytes: UInt64) {
         lastSync = now
@@ -44,13 +49,18 @@ struct ConvergencePolicy: Sendable, Equatable {
     /// A pass ended at `now` with `sent` bytes on the channel so far and `dirtyPages` left.
     /// `autoSwitchPasses` is 0 when postcopy is not possible.
     mutating func passEnded(now: UInt64, sent: UInt64, dirtyPages: UInt64, pageSize: Int,
-                            downtimeLimitMs: UInt64, maxBandwidth: UInt64, autoSwitchPasses: UInt64) -> (Verdict, PassReport) {
+                            downtimeLimitMs: UInt64, maxBandwidth: UInt64, autoSwitchPasses: UInt64,
+                            pagesSent: UInt64? = nil) -> (Verdict, PassReport) {
         let elapsed = now > lastSync ? Double(now - lastSync) / 1e9 : 0
         let bytes = sent > sentAtSync ? sent - sentAtSync : 0
         if bytes >= Self.minBytesForEstimate && elapsed > 0 { bandwidth = Double(bytes) / elapsed }
         if maxBandwidth > 0 { bandwidth = bandwidth > 0 ? min(bandwidth, Double(maxBandwidth)) : Double(maxBandwidth) }
+        passes += 1
+        var costPerPage = Double(pageSize)
+        if passes > 1, let pagesSent, pagesSent > 0 { costPerPage = min(costPerPage, Double(bytes) / Double(pagesSent)) }
         let remaining = dirtyPages * UInt64(pageSize)
-        let expected: UInt64? = bandwidth > 0 ? UInt64(min(Double(remaining) / bandwidth * 1000, Double(UInt64.max / 2))) : nil
+        let wireRemaining = Double(dirtyPages) * costPerPage
+        let expected: UInt64? = bandwidth > 0 ? UInt64(min(wireRemaining / bandwidth * 1000, Double(UInt64.max / 2))) : nil
         let report = PassReport(
             remaining: remaining, expectedDowntimeMs: expected, bandwidth: bandwidth,
             dirtyPagesRate: elapsed > 0 ? UInt64(Double(dirtyPages) / elapsed) : 0,

@@ -17,7 +17,7 @@ import Glibc
 /// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`,
 ///   `requests`, `asked`, `recoveryURI`;
 /// - `mig/src/main` only: `cursor`, `header`, `limiter`, `pings`, `switchover`, `rpThread`
-///   (joined by main before it starts another);
+///   (joined by main before it starts another), `xbzrle`, `xbzrleReported`, `pagesThisPass`;
 /// - `toSend` is an atomic bitmap shared by both threads; the rest is immutable.
 final class OutgoingMigration: @unchecked Sendable {
     let host: VMHost
@@ -71,6 +71,12 @@ final class OutgoingMigration: @unchecked Sendable {
     /// reads as zero, and a write after that is in the next dirty log. Precopy only.
     var populated: PopulatedPages?
     var rpThread: KernelThread?
+    /// With the `xbzrle` capability: the page cache and the deltas (precopy only).
+    var xbzrle: XBZRLESender?
+    /// The XBZRLE counters at the last bitmap sync (the rates in `query-migrate` run from there).
+    var xbzrleReported = XBZRLECounters()
+    /// Dirty pages sent (or found unchanged) since the last bitmap sync.
+    var pagesThisPass: UInt64 = 0
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
         self.host = host
@@ -115,6 +121,7 @@ final class OutgoingMigration: @unchecked Sendable {
             s.status = phase.status
             if phase.isRunning { s.transferred = bytesSentLocked }
             if let start = bytesAtPostcopyStart { s.postcopyBytes = s.transferred - min(start, s.transferred) }
+            s.xbzrle?.cacheSize = _parameters.xbzrleCacheSize // as QEMU: the parameter
             return s
         }
     }
@@ -205,6 +212,11 @@ final class OutgoingMigration: @unchecked Sendable {
                 if phase == .cancelling { throw MigrationError.cancelledByUser }
             }
             let returnPath = uri.isBidirectional
+            if capabilities.contains(.xbzrle) {
+                let size = parameters.xbzrleCacheSize
+                xbzrle = try XBZRLESender(cacheSize: size)
+                updateStats { $0.xbzrle = XBZRLEReport(cacheSize: size) }
+            }
             try sendSetup(ch, returnPath: returnPath)
             if returnPath { try startReturnPath(ch) }
             try machine.vm.setDirtyLogging(machine.ram, true)

@@ -66,13 +66,17 @@ extension OutgoingMigration {
             updateStats { $0.remaining = UInt64(toSend.popcount()) << Wire.pageShift }
             guard passDone else { continue }
 
-            // End of a pass: collect what the guest dirtied meanwhile.
+            // End of a pass: collect what the guest dirtied meanwhile. XBZRLE works from
+            // the second pass on, as QEMU's (the first sends every page anyway).
             let now = Sys.monotonicNanos()
             try collectDirtyPages()
+            xbzrle?.started = true
             let p = parameters
             let autoSwitch = capabilities.contains(.postcopyRAM) ? p.postcopyAutoSwitchPasses : 0
             let (verdict, pass) = policy.passEnded(now: now, sent: ch.bytesWritten, dirtyPages: UInt64(toSend.popcount()), pageSize: Wire.pageSize,
-                                                   downtimeLimitMs: p.downtimeLimit, maxBandwidth: p.maxBandwidth, autoSwitchPasses: autoSwitch)
+                                                   downtimeLimitMs: p.downtimeLimit, maxBandwidth: p.maxBandwidth, autoSwitchPasses: autoSwitch,
+                                                   pagesSent: pagesThisPass)
+            pagesThisPass = 0
             updateStats {
                 $0.remaining = pass.remaining
                 $0.expectedDowntimeMs = pass.expectedDowntimeMs
@@ -100,7 +104,7 @@ extension OutgoingMigration {
         header.ramSectionBegin(.end, id: Self.ramSectionID)
         try ch.write(header)
         cursor = 0
-        _ = try sendPages(ch, limited: false)
+        _ = try sendPages(ch, limited: false, lastStage: true)
         timeline.mark("ram", now: Sys.monotonicNanos())
         header.removeAll()
         header.ramSectionEnd(id: Self.ramSectionID)
@@ -148,7 +152,12 @@ extension OutgoingMigration {
     /// during the first pass and `MIGRATION_PASS` 2 marks the start of the second.
     @discardableResult
     func countBitmapSync() -> UInt64 {
-        let n: UInt64 = updateStats { $0.dirtySyncCount += 1; return $0.dirtySyncCount }
+        let report = xbzrle?.report(previous: &xbzrleReported)
+        let n: UInt64 = updateStats {
+            $0.dirtySyncCount += 1
+            if let report { $0.xbzrle = report }
+            return $0.dirtySyncCount
+        }
         host.emit(.pass(Int(n)))
         return n
     }
@@ -160,11 +169,13 @@ extension OutgoingMigration {
 
     /// Sends pages still to send, from the cursor on. With `limited`, stops at the rate
     /// limit or after 50 ms (QEMU's MAX_WAIT) so the caller can check for cancel.
+    /// `lastStage`: the guest is stopped (the XBZRLE cache is no longer updated).
     /// Returns true when no page is left in this pass.
-    func sendPages(_ ch: MigrationChannel, limited: Bool) throws -> Bool {
+    func sendPages(_ ch: MigrationChannel, limited: Bool, lastStage: Bool = false) throws -> Bool {
         let started = Sys.monotonicNanos()
         // With a limit, the budget is checked at every page: at low limits a 64-page batch
         // is more than several windows' worth.
+        let parameters = self.parameters
         let limit = parameters.maxBandwidth
         let checkEvery = limited && limit > 0 && limit < 64 << 20 ? 1 : 64
         var first = true
@@ -172,10 +183,20 @@ extension OutgoingMigration {
         var normal: UInt64 = 0, duplicate: UInt64 = 0
         defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
         let populated = self.populated
+        try xbzrle?.resize(parameters.xbzrleCacheSize)
+        let deltas = xbzrle.flatMap { $0.started ? $0 : nil }
+        let generation = deltas == nil ? 0 : updateStats { $0.dirtySyncCount }
         while let i = toSend.nextSet(from: cursor) {
             guard toSend.testAndClear(i) else { cursor = i + 1; continue }
+            pagesThisPass += 1
             let neverTouched = try populated.map { try !$0.mayHoldData(i) } ?? false
-            if try PageRecord.send(ch, block, i, named: first, knownZero: neverTouched, buffer: &header) { duplicate += 1 } else { normal += 1 }
+            if let deltas {
+                switch try sendWithXBZRLE(deltas, ch, i, named: first, knownZero: neverTouched, generation: generation, lastStage: lastStage) {
+                case .zero: duplicate += 1
+                case .normal: normal += 1
+                case .delta, .unchanged: break
+                }
+            } else if try PageRecord.send(ch, block, i, named: first, knownZero: neverTouched, buffer: &header) { duplicate += 1 } else { normal += 1 }
             first = false
             cursor = i + 1
             batch += 1
@@ -190,6 +211,40 @@ extension OutgoingMigration {
         }
         cursor = 0
         return true
+    }
+
+    enum SentAs { case zero, normal, delta, unchanged }
+
+    /// One dirty page with XBZRLE on: ZERO as ever (and the cache learns it), else a delta
+    /// against the cached copy, the copy just cached whole, or, not cacheable, the page.
+    private func sendWithXBZRLE(_ x: XBZRLESender, _ ch: MigrationChannel, _ i: Int, named: Bool, knownZero: Bool,
+                                generation: UInt64, lastStage: Bool) throws -> SentAs {
+        let page = block.page(i)
+        if knownZero || ferry_page_is_zero(page) != 0 {
+            try PageRecord.send(ch, block, i, named: named, knownZero: true, buffer: &header)
+            x.sentZero(i, generation: generation, lastStage: lastStage)
+            return .zero
+        }
+        let offset = UInt64(i) << Wire.pageShift
+        header.removeAll()
+        switch x.prepare(i, page, generation: generation, lastStage: lastStage) {
+        case .unchanged:
+            return .unchanged
+        case .delta(let n):
+            header.xbzrleRecord(offset: offset, block: named ? block.name : nil, encoded: UnsafeRawBufferPointer(rebasing: x.encodedBytes[0..<n]))
+            x.sentDelta(wireBytes: header.count)
+            try ch.write(header)
+            return .delta
+        case .whole(let copy):
+            // A copy the cache (or the encoder) owns: queued by value, not by reference.
+            header.ramRecord(offset: offset, flags: .page, block: named ? block.name : nil)
+            try ch.write(header)
+            try ch.write(raw: UnsafeRawBufferPointer(start: copy, count: Wire.pageSize))
+            return .normal
+        case .uncached:
+            try PageRecord.send(ch, block, i, named: named, knownZero: false, buffer: &header)
+            return .normal
+        }
     }
 
     /// Sleeps while the rate limiter says the budget is spent. Returns true when the caller

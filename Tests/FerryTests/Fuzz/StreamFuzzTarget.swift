@@ -36,6 +36,13 @@ enum StreamFuzzTarget {
                         checkInside(b, off)
                         _ = try source.bytes(4096)
                     case let .zero(b, off): checkInside(b, off)
+                    case let .xbzrle(b, off, length):
+                        checkInside(b, off)
+                        precondition(length <= 4096)
+                        var page = [UInt8](repeating: 0, count: 4096)
+                        let delta = try source.bytes(length)
+                        let covered = try delta.withUnsafeBytes { d in try page.withUnsafeMutableBytes { try XBZRLE.decode(d, into: $0.baseAddress!, count: 4096) } }
+                        precondition(covered <= 4096)
                     }
                 }
                 try d.readFooter(expecting: h.id)
