@@ -101,11 +101,16 @@ public final class Machine: @unchecked Sendable {
     public var pauseRequested: Bool { core.isPauseRequested }
     /// Ends the vCPU threads for good.
     public func stop() { core.stop() }
+    /// Throttles every vCPU to `100 - percent` % of the time (auto-converge); 0 = off.
+    /// As QEMU's CPU throttle: each vCPU runs 10 ms, then sleeps `percent / (100 - percent)`
+    /// × 10 ms, woken early by a pause or stop.
+    public func setThrottle(percent: Int) { core.setThrottle(percent: percent) }
+    public var throttlePercent: Int { core.throttlePercent }
 }
 
 /// Ownership: the devices are immutable references; `threads`, `tids`, `pauseRequested`,
-/// `quitRequested`, `parked`, `_state`, `_error`, `_unhandledIO`, `_restoredClock` are guarded
-/// by `monitor`;
+/// `quitRequested`, `parked`, `_state`, `_error`, `_unhandledIO`, `_restoredClock`,
+/// `throttle`, `throttleOwed`, `throttleRunning` are guarded by `monitor`;
 /// `onGuestStop` is set before the vCPU threads start and only read after.
 final class MachineCore: @unchecked Sendable {
 
@@ -127,6 +132,13 @@ final class MachineCore: @unchecked Sendable {
     private var _state: VCPURunState = .created
     private var _error: String?
     private var _unhandledIO = 0
+    /// Throttle percentage (0 = off), each vCPU's sleep still owed (ns), and whether the
+    /// `cpu-throttle` thread that hands out the sleeps runs.
+    private var throttle = 0
+    private var throttleOwed: [UInt64]
+    private var throttleRunning = false
+    /// QEMU's `CPU_THROTTLE_TIMESLICE_NS`.
+    static let throttleTimeslice: Double = 10_000_000
 
     var onGuestStop: (@Sendable (VCPURunState, String?) -> Void)?
     private var _restoredClock: UInt64?
@@ -167,6 +179,7 @@ final class MachineCore: @unchecked Sendable {
         tscKHz = vcpus[0].tscKHz()
         tids = Array(repeating: 0, count: vcpuCount)
         parked = Array(repeating: false, count: vcpuCount)
+        throttleOwed = Array(repeating: 0, count: vcpuCount)
         serial.raiseIRQ = { [vm] high in vm.setIRQLine(SerialPort.irq, high: high) }
         _ = ferry_install_kick_handler(Machine.kickSignal)
     }
@@ -324,6 +337,17 @@ final class MachineCore: @unchecked Sendable {
                     monitor.wait()
                 }
                 parked[index] = false
+                if quitRequested { return false }
+                // Throttled: sleep what is owed before entering the guest again, unless a
+                // pause is asked for (it parks at once, after the immediate exit).
+                let owed = throttleOwed[index]
+                if owed > 0 && !pauseRequested {
+                    throttleOwed[index] = 0
+                    let until = Sys.monotonicNanos() + owed
+                    while !pauseRequested && !quitRequested, case let now = Sys.monotonicNanos(), now < until {
+                        monitor.wait(timeoutNanos: until - now)
+                    }
+                }
                 return !quitRequested
             }
             if !proceed { break }
@@ -361,6 +385,49 @@ final class MachineCore: @unchecked Sendable {
     }
 
     private var isFinished: Bool { _state == .shutdown || _state == .internalError }
+
+    // MARK: CPU throttle (auto-converge)
+
+    var throttlePercent: Int { monitor.withLock { throttle } }
+
+    func setThrottle(percent: Int) {
+        let startThread: Bool = monitor.withLock {
+            throttle = max(0, min(99, percent))
+            if throttle == 0 { for i in throttleOwed.indices { throttleOwed[i] = 0 } }
+            monitor.broadcast()
+            guard throttle > 0, !throttleRunning, !quitRequested else { return false }
+            throttleRunning = true
+            return true
+        }
+        guard startThread else { return }
+        do {
+            try KernelThread.detached(name: "cpu-throttle") { [self] in throttleLoop() }
+        } catch {
+            monitor.withLock { throttleRunning = false }
+        }
+    }
+
+    /// Every `timeslice / (1 - p)`, owes each vCPU `p / (1 - p) × timeslice` of sleep and
+    /// kicks it out of the guest to take it. Ends when the throttle goes to 0 or the VM stops.
+    private func throttleLoop() {
+        while true {
+            let sleep: UInt64? = monitor.withLock {
+                guard throttle > 0, !quitRequested else { throttleRunning = false; return nil }
+                let p = Double(throttle) / 100
+                let until = Sys.monotonicNanos() + UInt64(Self.throttleTimeslice / (1 - p))
+                while throttle > 0 && !quitRequested, case let now = Sys.monotonicNanos(), now < until {
+                    monitor.wait(timeoutNanos: until - now)
+                }
+                guard throttle > 0, !quitRequested else { throttleRunning = false; return nil }
+                let q = Double(throttle) / 100
+                let owed = UInt64(q / (1 - q) * Self.throttleTimeslice)
+                for i in throttleOwed.indices { throttleOwed[i] = owed }
+                return owed
+            }
+            guard sleep != nil else { return }
+            kickAll()
+        }
+    }
 
     /// The guest stopped by itself: every vCPU stops (the others are kicked out of the guest).
     private func guestStopped(_ s: VCPURunState, _ message: String) {

@@ -84,6 +84,13 @@ public struct MigrationParameters: Sendable, Equatable {
     public var tlsHostname: String = ""
     /// Bytes of the XBZRLE page cache (a power of two of at least a page). QEMU: 64 MiB.
     public var xbzrleCacheSize: UInt64 = 64 << 20
+    /// auto-converge: the first throttle (%), each step up, QEMU's "tailslow" steps, the
+    /// ceiling, and the dirty share of the transfer (%) that counts as too much.
+    public var cpuThrottleInitial: UInt64 = 20
+    public var cpuThrottleIncrement: UInt64 = 10
+    public var cpuThrottleTailslow = false
+    public var maxCPUThrottle: UInt64 = 99
+    public var throttleTriggerThreshold: UInt64 = 50
     public init() {}
 }
 
@@ -135,6 +142,8 @@ public struct MigrationStats: Sendable {
     public var switchover: SwitchoverTimeline?
     /// With the `xbzrle` capability (`query-migrate`'s `xbzrle-cache`).
     public var xbzrle: XBZRLEReport?
+    /// auto-converge's throttle while it is on (`cpu-throttle-percentage`).
+    public var cpuThrottlePercentage: UInt64?
 
     public var totalTimeMs: UInt64 {
         guard startNanos > 0 else { return 0 }

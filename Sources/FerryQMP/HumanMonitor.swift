@@ -56,6 +56,14 @@ enum HumanMonitor {
             if n(ram, "downtime-bytes") ?? 0 > 0 { out += "downtime ram: \(kb("downtime-bytes")) kbytes\n" }
             if n(ram, "postcopy-bytes") ?? 0 > 0 { out += "postcopy ram: \(kb("postcopy-bytes")) kbytes\n" }
         }
+        if let x = info["xbzrle-cache"] as? [String: Any] {
+            out += "cache size: \(n(x, "cache-size") ?? 0) bytes\nxbzrle transferred: \((n(x, "bytes") ?? 0) >> 10) kbytes\n"
+            out += "xbzrle pages: \(n(x, "pages") ?? 0) pages\nxbzrle cache miss: \(n(x, "cache-miss") ?? 0) pages\n"
+            out += "xbzrle cache miss rate: \(String(format: "%0.2f", (x["cache-miss-rate"] as? Double) ?? 0))\n"
+            out += "xbzrle encoding rate: \(String(format: "%0.2f", (x["encoding-rate"] as? Double) ?? 0))\n"
+            out += "xbzrle overflow: \(n(x, "overflow") ?? 0)\n"
+        }
+        if let v = n(info, "cpu-throttle-percentage") { out += "cpu throttle percentage: \(v)\n" }
         if let v = n(info, "postcopy-blocktime") { out += "postcopy blocktime: \(v)\n" }
         if let addresses = info["socket-address"] as? [[String: Any]] {
             out += "socket address: [\n"
@@ -72,8 +80,12 @@ enum HumanMonitor {
     /// units, then Ferry's own.
     static func parameters(_ p: MigrationParameters) -> String {
         func quoted(_ s: String) -> String { "'\(s)'" }
-        return "tls-creds: \(quoted(p.tlsCreds))\ntls-hostname: \(quoted(p.tlsHostname))\n"
+        return "throttle-trigger-threshold: \(p.throttleTriggerThreshold)\ncpu-throttle-initial: \(p.cpuThrottleInitial)\n"
+            + "cpu-throttle-increment: \(p.cpuThrottleIncrement)\ncpu-throttle-tailslow: \(p.cpuThrottleTailslow ? "on" : "off")\n"
+            + "max-cpu-throttle: \(p.maxCPUThrottle)\n"
+            + "tls-creds: \(quoted(p.tlsCreds))\ntls-hostname: \(quoted(p.tlsHostname))\n"
             + "max-bandwidth: \(p.maxBandwidth) bytes/second\ndowntime-limit: \(p.downtimeLimit) ms\n"
+            + "xbzrle-cache-size: \(p.xbzrleCacheSize) bytes\n"
             + "max-postcopy-bandwidth: \(p.maxPostcopyBandwidth)\ntls-authz: ''\n"
             + "heartbeat-timeout: \(p.heartbeatTimeout) ms\nauto-recover-timeout: \(p.autoRecoverTimeout) ms\n"
             + "postcopy-device-timeout: \(p.postcopyDeviceTimeout) ms\npostcopy-auto-switch-passes: \(p.postcopyAutoSwitchPasses)\n"

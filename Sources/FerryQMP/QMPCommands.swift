@@ -120,6 +120,14 @@ enum QMPCommands {
                             throw QMPError("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size")
                         }
                         p.xbzrleCacheSize = size
+                    case "cpu-throttle-initial": p.cpuThrottleInitial = try uint(v, k, in: 1...99, "cpu_throttle_initial", "1 to 99")
+                    case "cpu-throttle-increment": p.cpuThrottleIncrement = try uint(v, k, in: 1...99, "cpu_throttle_increment", "1 to 99")
+                    case "throttle-trigger-threshold": p.throttleTriggerThreshold = try uint(v, k, in: 1...100, "throttle_trigger_threshold", "1 to 100")
+                    case "max-cpu-throttle":
+                        p.maxCPUThrottle = try uint(v, k, in: p.cpuThrottleInitial...99, "max_cpu_throttle", "cpu_throttle_initial to 99")
+                    case "cpu-throttle-tailslow":
+                        guard let b = v as? Bool else { throw QMPError("Invalid parameter type for '\(k)', expected: boolean") }
+                        p.cpuThrottleTailslow = b
                     // QEMU takes a string here ("" = off); a null also turns TLS off.
                     case "tls-creds": p.tlsCreds = v is NSNull ? "" : try string(args, k)
                     case "tls-hostname": p.tlsHostname = v is NSNull ? "" : try string(args, k)
@@ -135,7 +143,9 @@ enum QMPCommands {
             return ["max-bandwidth": p.maxBandwidth, "downtime-limit": p.downtimeLimit, "max-postcopy-bandwidth": p.maxPostcopyBandwidth,
                     "heartbeat-timeout": p.heartbeatTimeout, "auto-recover-timeout": p.autoRecoverTimeout,
                     "postcopy-device-timeout": p.postcopyDeviceTimeout,
-                    "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses, "xbzrle-cache-size": p.xbzrleCacheSize, "tls-creds": p.tlsCreds, "tls-hostname": p.tlsHostname, "tls-authz": ""]
+                    "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses, "xbzrle-cache-size": p.xbzrleCacheSize,
+                    "cpu-throttle-initial": p.cpuThrottleInitial, "cpu-throttle-increment": p.cpuThrottleIncrement, "cpu-throttle-tailslow": p.cpuThrottleTailslow,
+                    "max-cpu-throttle": p.maxCPUThrottle, "throttle-trigger-threshold": p.throttleTriggerThreshold, "tls-creds": p.tlsCreds, "tls-hostname": p.tlsHostname, "tls-authz": ""]
         default:
             throw QMPError("The command \(name) has not been found", class: "CommandNotFound")
         }
@@ -178,6 +188,7 @@ enum QMPCommands {
         guard s.total > 0, ![.setup, .failed, .cancelled].contains(s.status) else { return r }
         r["total-time"] = s.totalTimeMs
         r["setup-time"] = s.setupTimeMs
+        if let t = s.cpuThrottlePercentage { r["cpu-throttle-percentage"] = t }
         if s.status == .completed {
             if let d = s.downtimeMs { r["downtime"] = d }
         } else {
@@ -224,6 +235,13 @@ enum QMPCommands {
             throw QMPError("Invalid parameter type for '\(key)', expected: boolean")
         }
         return b
+    }
+
+    /// An integer parameter QEMU checks against a range, with QEMU's message.
+    static func uint(_ v: Any, _ key: String, in range: ClosedRange<UInt64>, _ qemuName: String, _ rangeText: String) throws -> UInt64 {
+        let n = try uint(v, key)
+        guard range.contains(n) else { throw QMPError("Parameter '\(qemuName)' expects an integer in the range of \(rangeText)") }
+        return n
     }
 
     static func uint(_ v: Any, _ key: String) throws -> UInt64 {

@@ -17,7 +17,7 @@ import Glibc
 /// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`,
 ///   `requests`, `asked`, `recoveryURI`;
 /// - `mig/src/main` only: `cursor`, `header`, `limiter`, `pings`, `switchover`, `rpThread`
-///   (joined by main before it starts another), `xbzrle`, `xbzrleReported`, `pagesThisPass`;
+///   (joined by main before it starts another), `xbzrle`, `xbzrleReported`, `pagesThisPass`, `autoConverge`;
 /// - `toSend` is an atomic bitmap shared by both threads; the rest is immutable.
 final class OutgoingMigration: @unchecked Sendable {
     let host: VMHost
@@ -77,6 +77,8 @@ final class OutgoingMigration: @unchecked Sendable {
     var xbzrleReported = XBZRLECounters()
     /// Dirty pages sent (or found unchanged) since the last bitmap sync.
     var pagesThisPass: UInt64 = 0
+    /// With the `auto-converge` capability: when to throttle the guest.
+    var autoConverge: AutoConvergePolicy?
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
         self.host = host
@@ -217,6 +219,7 @@ final class OutgoingMigration: @unchecked Sendable {
                 xbzrle = try XBZRLESender(cacheSize: size)
                 updateStats { $0.xbzrle = XBZRLEReport(cacheSize: size) }
             }
+            if capabilities.contains(.autoConverge) { autoConverge = AutoConvergePolicy(now: Sys.monotonicNanos(), sent: 0) }
             try sendSetup(ch, returnPath: returnPath)
             if returnPath { try startReturnPath(ch) }
             try machine.vm.setDirtyLogging(machine.ram, true)
@@ -268,6 +271,7 @@ final class OutgoingMigration: @unchecked Sendable {
             updateStats { $0.errorDescription = "internal error: failure in a postcopy phase: \(error)" }
             return
         }
+        throttleGuest(0) // the source guest runs at full speed again
         if switchover.stoppedByUs {
             machine.resume()
             host.setRunState(.running)

@@ -143,9 +143,27 @@ extension OutgoingMigration {
     /// Counts as a bitmap sync as QEMU counts one (`dirty-sync-count`, `MIGRATION_PASS`).
     @discardableResult
     func collectDirtyPages() throws -> UInt64 {
+        let before = autoConverge == nil ? 0 : toSend.popcount()
         try machine.vm.collectDirtyLog(machine.ram, into: toSend)
         if populated != nil { populated = PopulatedPages(block) }
+        if autoConverge != nil, !machine.pauseRequested {
+            let p = parameters
+            let settings = AutoConvergePolicy.Settings(initial: p.cpuThrottleInitial, increment: p.cpuThrottleIncrement, tailslow: p.cpuThrottleTailslow,
+                                                       maximum: p.maxCPUThrottle, triggerThreshold: p.throttleTriggerThreshold)
+            let sent = lock.withLock { bytesSentLocked }
+            if let pct = autoConverge?.bitmapSynced(now: Sys.monotonicNanos(), sent: sent, newlyDirty: UInt64(toSend.popcount() - before),
+                                                    pageSize: Wire.pageSize, settings: settings) {
+                throttleGuest(Int(pct))
+            }
+        }
         return countBitmapSync()
+    }
+
+    /// auto-converge's throttle on the source guest (0 = off), reported as QEMU does while on.
+    func throttleGuest(_ percent: Int) {
+        guard autoConverge != nil else { return }
+        machine.setThrottle(percent: percent)
+        updateStats { $0.cpuThrottlePercentage = percent > 0 ? UInt64(percent) : nil }
     }
 
     /// One more bitmap sync: QEMU counts the one at setup too, so `dirty-sync-count` is 1
@@ -268,6 +286,7 @@ extension OutgoingMigration {
         switchover.runStateBefore = before
         host.setRunState(.finishMigrate)
         machine.pause()
+        throttleGuest(0) // stopped: nothing left to slow down
         switchover.stoppedByUs = before == .running
         if switchover.stoppedByUs { host.emit(.stop) }
     }
