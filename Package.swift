@@ -42,7 +42,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ferry-bench", dependencies: [
-            "FerryHarness", "FerryQMP", "FerrySys",
+            "FerryHarness", "FerryQMP", "FerryMachine", "FerrySys",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "FerryTests", dependencies: [

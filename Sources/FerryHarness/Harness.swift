@@ -114,9 +114,21 @@ public final class FerryProcess: @unchecked Sendable {
 
     /// Stops the guest, dumps its RAM with pmemsave (one dump per part of `pc.ram`, on
     /// each side of the hole below 4 GiB, mapped back to back as the block's offsets) and
-    /// runs the memory check on it.
-    public func checkMemory(_ guest: TestGuestLayout, scratch: String) throws -> TestGuestChecker.Report {
-        let size = guest.memory
+    /// runs the memory check on it. `unfilled`: pages whose fill is not checked.
+    public func checkMemory(_ guest: TestGuestLayout, scratch: String, unfilled: Set<UInt64> = []) throws -> TestGuestChecker.Report {
+        try withRAMDump(size: guest.memory, scratch: scratch) { TestGuestChecker(layout: guest, unfilled: unfilled).check(base: $0, size: guest.memory) }
+    }
+
+    /// The walked pages whose random fill this VM itself no longer holds: under QEMU,
+    /// SeaBIOS's own memory (tens of pages near the top of RAM, written before the guest
+    /// runs). Read from the stopped source after its migration, so the destination's check
+    /// skips exactly those.
+    public func pagesWithoutFill(_ guest: TestGuestLayout, scratch: String) throws -> Set<UInt64> {
+        guard guest.contents != .zero else { return [] }
+        return try withRAMDump(size: guest.memory, scratch: scratch) { guest.pagesWithoutFill(base: $0, size: guest.memory) }
+    }
+
+    private func withRAMDump<T>(size: Int, scratch: String, _ body: (UnsafeRawPointer) -> T) throws -> T {
         try qmp.execute("stop")
         let parts = GuestMemory.pcMappings(size: size)
         let files = parts.indices.map { "\(scratch).\($0)" }
@@ -137,7 +149,7 @@ public final class FerryProcess: @unchecked Sendable {
                 throw SysError(errno: errno, call: "mmap(\(f))")
             }
         }
-        return TestGuestChecker(layout: guest).check(base: base, size: size)
+        return body(base)
     }
 }
 
@@ -242,6 +254,18 @@ public struct MigrationRun: Codable, Sendable {
     public var switchoverPauseMs: Double?
     /// Ferry's x-switchover-us of the source and the destination (step → µs).
     public var switchoverSteps: [String: UInt64]?
+    /// The guest's passes per second (serial bytes) in the second before the migration and
+    /// during it: what a throttle cost the guest (`auto-converge` scenarios).
+    public var guestRateBefore: Double?
+    public var guestRateDuring: Double?
+    /// The highest cpu-throttle-percentage seen.
+    public var maxThrottlePercent: UInt64?
+    /// xbzrle-cache at the end (pages, bytes, cache-miss, overflow).
+    public var xbzrlePages: UInt64?
+    public var xbzrleBytes: UInt64?
+    /// Random contents: walked pages the source itself no longer held the fill of (its
+    /// firmware's), not checked on the destination.
+    public var pagesWithoutFill: Int?
 }
 
 /// The pause a guest sees at the switch-over: the source's STOP event to the destination's
@@ -333,13 +357,25 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     parameters["max-bandwidth"] = scenario.maxBandwidth
     parameters["downtime-limit"] = scenario.downtimeLimit
     try src.qmp.execute("migrate-set-parameters", parameters)
+    let measureGuest = scenario.capabilities.contains("auto-converge") && scenario.guestImage == nil
+    var rateBefore: Double?
+    if measureGuest {
+        let a = src.serialBytes
+        usleep(1_000_000)
+        rateBefore = Double(src.serialBytes - a)
+    }
+    let serialAtStart = src.serialBytes
     try src.qmp.execute("migrate", ["uri": target])
     let start = Sys.monotonicNanos()
     var info: [String: Any] = [:]
     var cancelled = false
+    var maxThrottle: UInt64?
+    var serialAtStop: Int?
     while true {
         info = try src.qmp.execute("query-migrate") as? [String: Any] ?? [:]
         progress(info)
+        if let t = info["cpu-throttle-percentage"] { maxThrottle = max(maxThrottle ?? 0, qmpNumber(t)) }
+        if serialAtStop == nil, let st = info["status"] as? String, st != "active" && st != "setup" { serialAtStop = src.serialBytes }
         let status = info["status"] as? String ?? ""
         if ["completed", "failed", "cancelled"].contains(status) { break }
         if !cancelled && Double(Sys.monotonicNanos() - start) / 1e9 > scenario.timeoutSeconds {
@@ -359,13 +395,22 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
         passes: qmpNumber(ram["dirty-sync-count"]), memoryCheckPassed: nil, sourceIntactAfterCancel: nil,
         error: info["error-desc"] as? String)
     run.engine = scenario.engine
+    if measureGuest {
+        run.guestRateBefore = rateBefore
+        let secs = Double(Sys.monotonicNanos() - start) / 1e9
+        run.guestRateDuring = secs > 0 ? Double((serialAtStop ?? src.serialBytes) - serialAtStart) / secs : nil
+    }
+    run.maxThrottlePercent = maxThrottle
+    if let x = info["xbzrle-cache"] as? [String: Any] { run.xbzrlePages = qmpNumber(x["pages"]); run.xbzrleBytes = qmpNumber(x["bytes"]) }
     if run.status == "completed" { (run.switchoverPauseMs, run.switchoverSteps) = switchoverPause(source: src, destination: dst) }
     if run.status == "completed" && scenario.guestImage == nil {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)
         let dinfo = try dst.qmp.execute("query-migrate") as? [String: Any] ?? [:]
         run.guestClockGapUs = (dinfo["x-guest-clock-gap-us"] as? NSNumber)?.doubleValue
-        let report = try dst.checkMemory(guest, scratch: "\(directory)/dst-ram.bin")
+        let unfilled = try src.pagesWithoutFill(guest, scratch: "\(directory)/src-ram.bin")
+        run.pagesWithoutFill = unfilled.count
+        let report = try dst.checkMemory(guest, scratch: "\(directory)/dst-ram.bin", unfilled: unfilled)
         run.memoryCheckPassed = report.passed
         run.memoryCheck = report.description
     }

@@ -283,7 +283,8 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
     if run.status == "completed" {
         let before = dst.serialBytes
         dst.waitForSerial(before + 2, seconds: 60)
-        let report = try dst.checkMemory(guest, scratch: "\(directory)/dst-ram.bin")
+        let unfilled = try src.pagesWithoutFill(guest, scratch: "\(directory)/src-ram.bin")
+        let report = try dst.checkMemory(guest, scratch: "\(directory)/dst-ram.bin", unfilled: unfilled)
         run.memoryCheckPassed = report.passed
         run.memoryCheck = report.description
     }

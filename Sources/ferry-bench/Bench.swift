@@ -1,5 +1,6 @@
 import ArgumentParser
 import FerryHarness
+import FerryMachine
 import FerrySys
 import Foundation
 import Glibc
@@ -250,6 +251,12 @@ struct ComparedRun: Codable {
     var latencyP50Us: Double?
     var latencyP99Us: Double?
     var faultFloorUs: Double?
+    var bytesSent: UInt64?
+    var guestRateBefore: Double?
+    var guestRateDuring: Double?
+    var maxThrottlePercent: UInt64?
+    var xbzrlePages: UInt64?
+    var pagesWithoutFill: Int?
 }
 
 extension FerryBench {
@@ -273,6 +280,20 @@ extension FerryBench {
         var p = PrecopyScenario(name: "precopy-idle-1GiB-unlimited", memory: 1 << 30, guestImage: idle); precopy.append(p)
         p = PrecopyScenario(name: "precopy-dirtying-512MiB-unlimited", memory: 512 << 20); precopy.append(p)
         p = PrecopyScenario(name: "precopy-dirtying-512MiB-1Gbit", memory: 512 << 20); p.maxBandwidth = 125_000_000; p.timeoutSeconds = 20; precopy.append(p)
+        // Write-heavy guests, both engines with the same capabilities and parameters; the
+        // page contents once zero but for the counter, once random (nothing compresses).
+        for contents in [TestGuestContents.zero, .random(seed: TestGuestContents.defaultSeed)] {
+            let tag = contents == .zero ? "" : "-random"
+            p = PrecopyScenario(name: "precopy-dirtying\(tag)-512MiB-1Gbit-xbzrle", memory: 512 << 20)
+            p.maxBandwidth = 125_000_000; p.timeoutSeconds = 60; p.contents = contents
+            p.capabilities = ["xbzrle"]; p.parameters = ["xbzrle-cache-size": 512 << 20]
+            precopy.append(p)
+        }
+        p = PrecopyScenario(name: "precopy-dirtying-512MiB-1Gbit-auto-converge", memory: 512 << 20)
+        p.maxBandwidth = 125_000_000; p.timeoutSeconds = 90; p.capabilities = ["auto-converge"]
+        precopy.append(p)
+        p = PrecopyScenario(name: "precopy-dirtying-random-512MiB-unlimited", memory: 512 << 20); p.contents = .random(seed: TestGuestContents.defaultSeed)
+        precopy.append(p)
         var postcopy: [PostcopyScenario] = []
         var q = PostcopyScenario(name: "postcopy-512MiB-1Gbit", memory: 512 << 20); postcopy.append(q)
         q.name += "-preempt"; q.preempt = true; postcopy.append(q)
@@ -304,6 +325,12 @@ extension FerryBench {
                                     memoryCheckPassed: r.memoryCheckPassed ?? r.sourceIntactAfterCancel, error: r.error)
                 c.switchoverPauseMs = r.switchoverPauseMs
                 c.switchoverSteps = r.switchoverSteps
+                c.bytesSent = r.bytesSent
+                c.guestRateBefore = r.guestRateBefore
+                c.guestRateDuring = r.guestRateDuring
+                c.maxThrottlePercent = r.maxThrottlePercent
+                c.xbzrlePages = r.xbzrlePages
+                c.pagesWithoutFill = r.pagesWithoutFill
                 return c
             }
         }
@@ -344,20 +371,28 @@ extension FerryBench {
         for n in names {
             let f = runs.filter { $0.scenario == n && $0.engine == .ferry }, g = runs.filter { $0.scenario == n && $0.engine == .qemu }
             /// `lowerIsBetter` metrics: a QEMU/Ferry ratio below 1 means Ferry loses, and the row says so.
-            func row(_ metric: String, physical: ((ComparedRun) -> Double?)? = nil, _ v: (ComparedRun) -> Double?) {
+            func row(_ metric: String, physical: ((ComparedRun) -> Double?)? = nil, higherIsBetter: Bool = false, _ v: (ComparedRun) -> Double?) {
                 let fv = f.compactMap(v), gv = g.compactMap(v)
                 guard !fv.isEmpty || !gv.isEmpty else { return }
                 var ratio = "-"
                 if let fm = median(fv), let gm = median(gv), fm > 0, gm > 0 {
-                    ratio = String(format: "%.2f", gm / fm) + (gm < fm ? " **Ferry loses**" : "")
+                    let loses = higherIsBetter ? fm < gm : gm < fm
+                    ratio = String(format: "%.2f", gm / fm) + (loses ? " **Ferry loses**" : "")
                 }
                 let phys = physical.map { p in range(f.compactMap(p), 2) } ?? "-"
                 let mem = "\(f.filter { $0.memoryCheckPassed == true }.count)/\(f.count) / \(g.filter { $0.memoryCheckPassed == true }.count)/\(g.count)"
                 md += "| \(n) | \(metric) | \(range(fv)) | \(range(gv)) | \(ratio) | \(phys) | \(mem) |\n"
             }
             let statuses = "Ferry: \(Set(f.map(\.status)).sorted().joined(separator: "/")); QEMU: \(Set(g.map(\.status)).sorted().joined(separator: "/"))"
-            row("total ms (\(statuses))", physical: { $0.totalOverWireLimit }) { $0.status == "cancelled" && $0.totalTimeMs == 0 ? nil : Double($0.totalTimeMs) }
+            // A total of 0 is none reported (a cancelled run; QEMU sometimes, right after completing).
+            row("total ms (\(statuses))", physical: { $0.totalOverWireLimit }) { $0.totalTimeMs == 0 ? nil : Double($0.totalTimeMs) }
             row("downtime ms") { $0.downtimeMs.map { Double($0) } }
+            row("MiB sent") { $0.bytesSent.map { Double($0) / 1_048_576 } }
+            row("xbzrle pages") { $0.xbzrlePages.map { Double($0) } }
+            row("walked pages without the random fill on the source (firmware's; fill not checked there)") { $0.pagesWithoutFill.map { Double($0) } }
+            row("highest cpu-throttle-percentage") { $0.maxThrottlePercent.map { Double($0) } }
+            row("guest passes per minute during the migration (higher is better; before it: \(range(f.compactMap { $0.guestRateBefore.map { $0 * 60 } }))"
+                + " / \(range(g.compactMap { $0.guestRateBefore.map { $0 * 60 } })))", higherIsBetter: true) { $0.guestRateDuring.map { $0 * 60 } }
             row("switch-over pause ms (source STOP → destination RESUME)") { $0.switchoverPauseMs }
             row("vCPU blocked ms") { $0.blocktimeMs.map { Double($0) } }
             row("resume → active ms") { $0.resumeToActiveMs }

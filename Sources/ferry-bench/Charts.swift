@@ -14,29 +14,57 @@ enum Chart {
         }
     }
 
-    /// Bytes/s sent over time, one panel per engine, with bands for precopy, postcopy,
-    /// paused and recover.
-    static func timeline(title: String, panels: [(label: String, samples: [TimelineSample])]) -> String {
-        let w = 900.0, ph = 200.0, left = 60.0, top = 40.0, gap = 50.0
-        let h = top + Double(panels.count) * (ph + gap) + 30
-        let tMax = max(1, panels.flatMap { $0.samples.map(\.t) }.max() ?? 1)
-        func rates(_ s: [TimelineSample]) -> [(Double, Double)] {
-            var out: [(Double, Double)] = []
-            var i = 0
-            for j in 1..<max(1, s.count) where s[j].t - s[i].t >= 100 {
-                out.append(((s[i].t + s[j].t) / 2, Double(s[j].bytes &- s[i].bytes) / (s[j].t - s[i].t) / 1000)) // MB/s
-                i = j
-            }
-            return out
+    /// A round step (1, 2 or 5 × 10^k) for about `count` ticks up to `maximum`.
+    static func tickStep(_ maximum: Double, count: Double = 4) -> Double {
+        let raw = max(maximum / count, 1e-9)
+        let p = pow(10, floor(log10(raw)))
+        for m in [1.0, 2, 5, 10] where m * p >= raw { return m * p }
+        return 10 * p
+    }
+
+    /// The window the rates are measured over.
+    static let rateWindowMs = 250.0
+
+    /// MB/s over fixed windows from a cumulative byte counter sampled at uneven times:
+    /// the counter is read at each window's edges (linear between samples), and a counter
+    /// that goes back (a new channel after a recovery) adds nothing rather than wrapping.
+    static func windowedRates(_ s: [TimelineSample]) -> [(t: Double, mbps: Double)] {
+        guard s.count > 1 else { return [] }
+        var cumulative: [Double] = [0]
+        for k in 1..<s.count { cumulative.append(cumulative[k - 1] + (s[k].bytes >= s[k - 1].bytes ? Double(s[k].bytes - s[k - 1].bytes) : 0)) }
+        func at(_ t: Double) -> Double {
+            guard let j = s.firstIndex(where: { $0.t >= t }) else { return cumulative.last! }
+            guard j > 0, s[j].t > s[j - 1].t else { return cumulative[j] }
+            let f = (t - s[j - 1].t) / (s[j].t - s[j - 1].t)
+            return cumulative[j - 1] + f * (cumulative[j] - cumulative[j - 1])
         }
-        let all = panels.map { rates($0.samples) }
-        let rMax = max(1, all.flatMap { $0.map(\.1) }.max() ?? 1)
+        var out: [(t: Double, mbps: Double)] = []
+        var t = s[0].t
+        while t + rateWindowMs <= s.last!.t {
+            out.append((t + rateWindowMs / 2, (at(t + rateWindowMs) - at(t)) / (rateWindowMs / 1000) / 1e6))
+            t += rateWindowMs
+        }
+        return out
+    }
+
+    /// Bytes/s sent over time, one panel per engine, with bands for precopy, postcopy,
+    /// paused and recover; axes with ticks and units, and what was measured.
+    static func timeline(title: String, panels: [(label: String, samples: [TimelineSample])]) -> String {
+        let w = 900.0, ph = 200.0, left = 70.0, top = 58.0, gap = 62.0
+        let h = top + Double(panels.count) * (ph + gap) + 34
+        let tMax = max(1, panels.flatMap { $0.samples.map(\.t) }.max() ?? 1)
+        let all = panels.map { windowedRates($0.samples) }
+        let dirtyMax = panels.flatMap { $0.samples.compactMap { $0.status == "active" ? $0.dirtyBytesPerSecond.map { Double($0) / 1e6 } : nil } }.max() ?? 0
+        let yStep = tickStep(max(1, all.flatMap { $0.map(\.mbps) }.max() ?? 1, dirtyMax))
+        let rMax = yStep * ceil(max(1, all.flatMap { $0.map(\.mbps) }.max() ?? 1, dirtyMax) / yStep)
         var svg = "<svg xmlns='http://www.w3.org/2000/svg' width='\(Int(w))' height='\(Int(h))' font-family='sans-serif' font-size='12'>\n"
+        svg += "<rect width='100%' height='100%' fill='white'/>\n"
         svg += "<text x='\(left)' y='20' font-size='15'>\(title)</text>\n"
+        svg += "<text x='\(left)' y='38' font-size='11' fill='#444'>sent: the source's query-migrate ram.transferred (polled every 50 ms) over fixed \(Int(rateWindowMs)) ms windows; dirty: its dirty-pages-rate × 4 KiB; bands: its status</text>\n"
         for (k, panel) in panels.enumerated() {
             let y0 = top + Double(k) * (ph + gap)
             func x(_ t: Double) -> Double { left + t / tMax * (w - left - 20) }
-            func y(_ r: Double) -> Double { y0 + ph - r / rMax * ph }
+            func y(_ r: Double) -> Double { y0 + ph - min(r, rMax) / rMax * ph }
             let s = panel.samples
             if s.count > 1 {
                 var i = 0
@@ -50,22 +78,33 @@ enum Chart {
                     i = j + 1
                 }
             }
-            let pts = all[k].map { "\(String(format: "%.1f", x($0.0))),\(String(format: "%.1f", y($0.1)))" }.joined(separator: " ")
+            // y axis: gridlines and labels in MB/s.
+            var r = 0.0
+            while r <= rMax + 1e-9 {
+                svg += "<line x1='\(left)' y1='\(y(r))' x2='\(w - 20)' y2='\(y(r))' stroke='#ccc' stroke-width='0.5'/>"
+                svg += "<text x='\(left - 6)' y='\(y(r) + 4)' text-anchor='end'>\(r >= 10 || r == 0 ? String(Int(r)) : String(format: "%g", r))</text>\n"
+                r += yStep
+            }
+            svg += "<text x='14' y='\(y0 + ph / 2)' transform='rotate(-90 14 \(y0 + ph / 2))' text-anchor='middle'>MB/s</text>\n"
+            let pts = all[k].map { "\(String(format: "%.1f", x($0.t))),\(String(format: "%.1f", y($0.mbps)))" }.joined(separator: " ")
             svg += "<polyline fill='none' stroke='#1f4e9c' stroke-width='1.5' points='\(pts)'/>\n"
             // The dirty rate the source measured (precopy), dashed.
             let dirty = s.filter { ($0.dirtyBytesPerSecond ?? 0) > 0 && ($0.status == "active") }
             if !dirty.isEmpty {
-                let dp = dirty.map { "\(String(format: "%.1f", x($0.t))),\(String(format: "%.1f", y(min(rMax, Double($0.dirtyBytesPerSecond!) / 1e6))))" }.joined(separator: " ")
+                let dp = dirty.map { "\(String(format: "%.1f", x($0.t))),\(String(format: "%.1f", y(Double($0.dirtyBytesPerSecond!) / 1e6)))" }.joined(separator: " ")
                 svg += "<polyline fill='none' stroke='#c0504d' stroke-width='1.5' stroke-dasharray='5,3' points='\(dp)'/>\n"
             }
             svg += "<rect x='\(left)' y='\(y0)' width='\(w - left - 20)' height='\(ph)' fill='none' stroke='#888'/>\n"
             svg += "<text x='\(left)' y='\(y0 - 6)' font-weight='bold'>\(panel.label)</text>\n"
-            svg += "<text x='5' y='\(y0 + 12)'>\(Int(rMax)) MB/s</text><text x='5' y='\(y0 + ph)'>0</text>\n"
+            // x axis: seconds since migrate.
+            let xStep = tickStep(tMax / 1000, count: 8) * 1000
             var t = 0.0
-            while t <= tMax {
-                svg += "<text x='\(x(t) - 4)' y='\(y0 + ph + 14)'>\(Int(t / 1000))s</text>\n"
-                t += tMax > 20_000 ? 5000 : 1000
+            while t <= tMax + 1e-9 {
+                svg += "<line x1='\(x(t))' y1='\(y0 + ph)' x2='\(x(t))' y2='\(y0 + ph + 4)' stroke='#888'/>"
+                svg += "<text x='\(x(t))' y='\(y0 + ph + 16)' text-anchor='middle'>\(String(format: "%g", t / 1000))</text>\n"
+                t += xStep
             }
+            svg += "<text x='\(w - 20)' y='\(y0 + ph + 30)' text-anchor='end'>seconds since migrate</text>\n"
         }
         let legend = [("precopy", "#dbe9f6"), ("switchover", "#e6e6e6"), ("postcopy", "#dff2df"), ("paused", "#f8d7da"), ("recover", "#fde9c8")]
         svg += "<line x1='\(left + 600)' y1='\(h - 15)' x2='\(left + 625)' y2='\(h - 15)' stroke='#1f4e9c' stroke-width='2'/><text x='\(left + 630)' y='\(h - 10)'>sent MB/s</text>\n"
@@ -84,6 +123,7 @@ enum Chart {
         let maxCount = max(1, series.compactMap { $0.buckets?.max() }.max() ?? 1)
         let slot = (w - left - 20) / 24
         var svg = "<svg xmlns='http://www.w3.org/2000/svg' width='\(Int(w))' height='\(Int(h))' font-family='sans-serif' font-size='11'>\n"
+        svg += "<rect width='100%' height='100%' fill='white'/>\n"
         svg += "<text x='\(left)' y='20' font-size='15'>\(title)</text>\n"
         for (k, s) in series.enumerated() {
             guard let b = s.buckets else {
@@ -102,7 +142,15 @@ enum Chart {
             let label = i < 10 ? "\(1 << i)µs" : i < 20 ? "\((1 << i) / 1000)ms" : "\((1 << i) / 1_000_000)s"
             svg += "<text x='\(left + Double(i) * slot)' y='\(top + ph + 14)'>\(label)</text>\n"
         }
-        svg += "<text x='5' y='\(top + 10)'>\(maxCount)</text><text x='\(left)' y='\(h - 20)'>faults per bucket [2^N, 2^(N+1)) µs, fault → page installed</text>\n"
+        let step = max(1, tickStep(Double(maxCount)))
+        var c = 0.0
+        while c <= Double(maxCount) {
+            let cy = top + ph - c / Double(maxCount) * ph
+            svg += "<line x1='\(left - 4)' y1='\(cy)' x2='\(left)' y2='\(cy)' stroke='#888'/><text x='\(left - 6)' y='\(cy + 4)' text-anchor='end'>\(Int(c))</text>\n"
+            c += step
+        }
+        svg += "<text x='14' y='\(top + ph / 2)' transform='rotate(-90 14 \(top + ph / 2))' text-anchor='middle'>faults</text>\n"
+        svg += "<text x='\(left)' y='\(h - 20)'>latency bucket [2^N, 2^(N+1)) µs, from the vCPU's fault to the page installed (the destination's postcopy-latency-dist)</text>\n"
         return svg + "</svg>\n"
     }
 }

@@ -26,7 +26,7 @@ DELIBERATE = {
     "capabilities only in ferry": "Ferry has auto-recover (its own) and QEMU 8+'s switchover-ack, dirty-limit, mapped-ram names",
     "capabilities only in qemu": "block, compress and zero-blocks: QEMU 9.1 removed them; Ferry lists master's capabilities",
     "parameters only in ferry": "Ferry's own tunables: heartbeat-timeout, auto-recover-timeout, postcopy-device-timeout, postcopy-auto-switch-passes",
-    "parameters only in qemu": "QEMU's compression, multifd, xbzrle, throttling, announce and block parameters: Ferry does not have those features",
+    "parameters only in qemu": "QEMU's compression, multifd, announce and block parameters: Ferry does not have those features (yet: multifd)",
     "query-migrate keys only in ferry": "Ferry's x- fields (x-guest-clock-gap-us, x-postcopy-recovery, x-postcopy-fault-latency, x-auto-postcopy, x-tls) and QEMU 8+'s postcopy-latency fields",
     "query-migrate keys only in qemu": "none expected",
     "statuses": "Ferry reports QEMU master's states, which 7.2 does not have: device (the guest is stopped for the "

@@ -66,8 +66,8 @@ extension OutgoingMigration {
             updateStats { $0.remaining = UInt64(toSend.popcount()) << Wire.pageShift }
             guard passDone else { continue }
 
-            // End of a pass: collect what the guest dirtied meanwhile. XBZRLE works from
-            // the second pass on, as QEMU's (the first sends every page anyway).
+            // End of a pass: collect what the guest dirtied meanwhile. XBZRLE deltas start
+            // with the second pass (the first filled the cache).
             let now = Sys.monotonicNanos()
             try collectDirtyPages()
             xbzrle?.started = true
@@ -202,7 +202,7 @@ extension OutgoingMigration {
         defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
         let populated = self.populated
         try xbzrle?.resize(parameters.xbzrleCacheSize)
-        let deltas = xbzrle.flatMap { $0.started ? $0 : nil }
+        let deltas = xbzrle
         let generation = deltas == nil ? 0 : updateStats { $0.dirtySyncCount }
         while let i = toSend.nextSet(from: cursor) {
             guard toSend.testAndClear(i) else { cursor = i + 1; continue }
@@ -240,12 +240,12 @@ extension OutgoingMigration {
         let page = block.page(i)
         if knownZero || ferry_page_is_zero(page) != 0 {
             try PageRecord.send(ch, block, i, named: named, knownZero: true, buffer: &header)
-            x.sentZero(i, generation: generation, lastStage: lastStage)
+            if x.started { x.sentZero(i, generation: generation, lastStage: lastStage) }
             return .zero
         }
         let offset = UInt64(i) << Wire.pageShift
         header.removeAll()
-        switch x.prepare(i, page, generation: generation, lastStage: lastStage) {
+        switch x.started ? x.prepare(i, page, generation: generation, lastStage: lastStage) : x.prime(i, page, generation: generation) {
         case .unchanged:
             return .unchanged
         case .delta(let n):

@@ -57,9 +57,10 @@ final class XBZRLECache {
     }
 }
 
-/// XBZRLE on the source's precopy passes, as QEMU 7.2 does it: off in the first pass
-/// (every page is new to the destination), then for each dirty page a delta against the
-/// cached copy of what was last sent. A page not in the cache goes whole, from the copy
+/// XBZRLE on the source's precopy passes: for each dirty page a delta against the cached
+/// copy of what was last sent. Unlike QEMU 7.2, which leaves the cache empty through the
+/// first pass and so sends every page whole twice, the first pass already fills it (the
+/// pages it sends go from their cached copies): deltas start with the second pass. A page not in the cache goes whole, from the copy
 /// just cached, so the cache always holds exactly what the destination has; an unchanged
 /// page is not sent; a delta longer than a page ("overflow") goes whole. In the last
 /// stage (the guest stopped) deltas are still sent but the cache is no longer updated.
@@ -69,7 +70,7 @@ final class XBZRLESender {
     /// The page as sent, copied once: the guest may write it while it is encoded.
     private let current = UnsafeMutableRawPointer.allocate(byteCount: Wire.pageSize, alignment: Wire.pageSize)
     private let encoded = UnsafeMutableRawPointer.allocate(byteCount: Wire.pageSize, alignment: 8)
-    /// Deltas are sent from the second pass on.
+    /// Deltas are sent from the second pass on; the first only fills the cache (`prime`).
     var started = false
     private(set) var counters = XBZRLECounters()
 
@@ -115,6 +116,12 @@ final class XBZRLESender {
         if n == 0 { return .unchanged }
         counters.pages += 1
         return .delta(n)
+    }
+
+    /// The first pass: a non-zero page goes whole from its copy just cached (or, its slot
+    /// taken, as usual). Not counted: QEMU's counters start with the deltas.
+    func prime(_ i: Int, _ page: UnsafeRawPointer, generation: UInt64) -> Outcome {
+        cache.insert(i, page, generation: generation).map { .whole($0) } ?? .uncached
     }
 
     /// A zero page went: the cache learns it (a later delta is against zeros).
