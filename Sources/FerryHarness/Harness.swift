@@ -116,7 +116,9 @@ public final class FerryProcess: @unchecked Sendable {
     /// each side of the hole below 4 GiB, mapped back to back as the block's offsets) and
     /// runs the memory check on it. `unfilled`: pages whose fill is not checked.
     public func checkMemory(_ guest: TestGuestLayout, scratch: String, unfilled: Set<UInt64> = []) throws -> TestGuestChecker.Report {
-        try withRAMDump(size: guest.memory, scratch: scratch) { TestGuestChecker(layout: guest, unfilled: unfilled).check(base: $0, size: guest.memory) }
+        try withRAMDump(size: guest.memory, upTo: guest.checkedBytes, scratch: scratch) {
+            TestGuestChecker(layout: guest, unfilled: unfilled).check(base: $0, size: guest.memory)
+        }
     }
 
     /// The walked pages whose random fill this VM itself no longer holds: under QEMU,
@@ -125,12 +127,17 @@ public final class FerryProcess: @unchecked Sendable {
     /// skips exactly those.
     public func pagesWithoutFill(_ guest: TestGuestLayout, scratch: String) throws -> Set<UInt64> {
         guard guest.contents != .zero else { return [] }
-        return try withRAMDump(size: guest.memory, scratch: scratch) { guest.pagesWithoutFill(base: $0, size: guest.memory) }
+        return try withRAMDump(size: guest.memory, upTo: guest.checkedBytes, scratch: scratch) { guest.pagesWithoutFill(base: $0, size: guest.memory) }
     }
 
-    private func withRAMDump<T>(size: Int, scratch: String, _ body: (UnsafeRawPointer) -> T) throws -> T {
+    /// Dumps `pc.ram` from offset 0 up to `upTo` (the rest of the `size`-byte range stays
+    /// unmapped: a sparse 64 GiB guest's check reads the touched GiB only).
+    private func withRAMDump<T>(size: Int, upTo: Int, scratch: String, _ body: (UnsafeRawPointer) -> T) throws -> T {
         try qmp.execute("stop")
-        let parts = GuestMemory.pcMappings(size: size)
+        let parts = GuestMemory.pcMappings(size: size).compactMap { m -> GuestMapping? in
+            guard m.offset < upTo else { return nil }
+            return GuestMapping(guestAddress: m.guestAddress, offset: m.offset, length: min(m.length, upTo - m.offset))
+        }
         let files = parts.indices.map { "\(scratch).\($0)" }
         defer { for f in files { unlink(f) } }
         for (m, f) in zip(parts, files) {

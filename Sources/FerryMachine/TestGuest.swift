@@ -111,6 +111,13 @@ public struct TestGuestLayout: Sendable, Equatable {
         }
     }
 
+    /// Bytes of `pc.ram` (from offset 0) the memory check reads: the counters and every
+    /// walked page; a dump need not hold more.
+    public var checkedBytes: Int {
+        let ends = stripes.compactMap { $0.isEmpty ? nil : offset(of: $0.upperBound - 1).map { $0 + 1 } }
+        return min(memory, max(Int(Self.walkStart), ends.max() ?? 0))
+    }
+
     /// The walked pages (guest-physical) of `pc.ram` at `base` that do not hold the fill.
     public func pagesWithoutFill(base: UnsafeRawPointer, size: Int) -> Set<UInt64> {
         guard case .random(let seed) = contents else { return [] }

@@ -294,6 +294,12 @@ extension FerryBench {
         precopy.append(p)
         p = PrecopyScenario(name: "precopy-dirtying-random-512MiB-unlimited", memory: 512 << 20); p.contents = .random(seed: TestGuestContents.defaultSeed)
         precopy.append(p)
+        // Cost grows with touched memory: the guest walks 1 GiB of a 1 GiB and of a 64 GiB RAM.
+        for memory in [1 << 30, 64 << 30] {
+            p = PrecopyScenario(name: "precopy-touching-1GiB-of-\(memory >> 30)GiB-unlimited", memory: memory)
+            p.touched = 1 << 30; p.timeoutSeconds = 300
+            precopy.append(p)
+        }
         var postcopy: [PostcopyScenario] = []
         var q = PostcopyScenario(name: "postcopy-512MiB-1Gbit", memory: 512 << 20); postcopy.append(q)
         q.name += "-preempt"; q.preempt = true; postcopy.append(q)

@@ -169,7 +169,8 @@ struct XBZRLEMigrationTests {
         let x = try #require(s.xbzrle)
         #expect(x.cacheSize == 64 << 20)
         #expect(x.pages > 1000, "\(x)")
-        #expect(x.cacheMiss > 0)
+        // The first pass filled a cache that holds every page: every later page is a hit.
+        #expect(x.cacheMiss == 0 && x.overflow == 0, "\(x)")
         #expect(x.bytes > 0 && x.bytes < x.pages * 64, "deltas of one changed byte should be tiny: \(x)")
         #expect(s.transferred < 4 * (64 << 20), "\(s.transferred) bytes for a 64 MiB guest")
         pair.expectDestinationRunsCorrectly()

@@ -17,7 +17,7 @@ import Glibc
 /// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`,
 ///   `requests`, `asked`, `recoveryURI`;
 /// - `mig/src/main` only: `cursor`, `header`, `limiter`, `pings`, `switchover`, `rpThread`
-///   (joined by main before it starts another), `xbzrle`, `xbzrleReported`, `pagesThisPass`, `autoConverge`;
+///   (joined by main before it starts another), `xbzrle`, `xbzrleReported`, `pagesThisPass`, `autoConverge`, `lastSyncNanos`;
 /// - `toSend` is an atomic bitmap shared by both threads; the rest is immutable.
 final class OutgoingMigration: @unchecked Sendable {
     let host: VMHost
@@ -79,6 +79,8 @@ final class OutgoingMigration: @unchecked Sendable {
     var pagesThisPass: UInt64 = 0
     /// With the `auto-converge` capability: when to throttle the guest.
     var autoConverge: AutoConvergePolicy?
+    /// When the dirty log was last collected.
+    var lastSyncNanos: UInt64 = 0
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
         self.host = host

@@ -64,7 +64,13 @@ extension OutgoingMigration {
             try ch.write(header)
             try ch.flush()
             updateStats { $0.remaining = UInt64(toSend.popcount()) << Wire.pageShift }
-            guard passDone else { continue }
+            guard passDone else {
+                // auto-converge decides at bitmap syncs, and a pass at a low bandwidth lasts
+                // seconds: sync once a second in between (QEMU master's background sync for
+                // auto-converge does the same every 5 s), or the throttle crawls.
+                if autoConverge != nil && Sys.nanosSince(lastSyncNanos) >= AutoConvergePolicy.minPeriodNanos { try collectDirtyPages() }
+                continue
+            }
 
             // End of a pass: collect what the guest dirtied meanwhile. XBZRLE deltas start
             // with the second pass (the first filled the cache).
@@ -145,6 +151,7 @@ extension OutgoingMigration {
     func collectDirtyPages() throws -> UInt64 {
         let before = autoConverge == nil ? 0 : toSend.popcount()
         try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+        lastSyncNanos = Sys.monotonicNanos()
         if populated != nil { populated = PopulatedPages(block) }
         if autoConverge != nil, !machine.pauseRequested {
             let p = parameters
