@@ -50,18 +50,19 @@ public final class FerryProcess: @unchecked Sendable {
             img = "\(directory)/\(name)-guest.img"
             FileManager.default.createFile(atPath: img, contents: Data(TestGuest.image(guest)))
         }
+        // A guest bigger than this host's RAM needs `reserve=off` (MAP_NORESERVE, as Ferry
+        // maps RAM): QEMU 7.2 cannot set up 64 GiB of `pc.ram` here without it.
         var machine = ["-machine", "pc,accel=kvm"]
-        if guest.contents != .zero {
-            let size = "size=\(guest.memory >> 20)M"
-            if incoming {
-                machine += ["-object", "memory-backend-ram,id=pc.ram,\(size)"]
-            } else {
-                let file = "\(directory)/\(name)-ram.bin"
-                try writeFilledRAM(guest, to: file)
-                machine += ["-object", "memory-backend-file,id=pc.ram,\(size),mem-path=\(file),share=off"]
-            }
-            machine[1] += ",memory-backend=pc.ram"
+        let size = "size=\(guest.memory >> 20)M"
+        var backend: String?
+        if guest.contents != .zero && !incoming {
+            let file = "\(directory)/\(name)-ram.bin"
+            try writeFilledRAM(guest, to: file)
+            backend = "memory-backend-file,id=pc.ram,\(size),mem-path=\(file),share=off"
+        } else if guest.contents != .zero || guest.memory > 8 << 30 {
+            backend = "memory-backend-ram,id=pc.ram,\(size)" + (guest.memory > 8 << 30 ? ",reserve=off" : "")
         }
+        if let backend { machine += ["-object", backend]; machine[1] += ",memory-backend=pc.ram" }
         try self.init(directory: directory, name: name, program: "/usr/bin/qemu-system-x86_64", namespace: namespace) { qmp, serial in
             machine + ["-m", "\(guest.memory >> 20)M", "-smp", "\(guest.vcpus)", "-drive", "file=\(img),format=raw,if=ide",
              "-display", "none", "-vga", "none", "-nodefaults", "-serial", "file:\(serial)",
