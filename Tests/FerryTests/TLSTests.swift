@@ -51,7 +51,8 @@ struct TLSTests {
         defer { proxy.close() }
         proxy.on(.toDestination, pattern: Self.magic, .reset)
         // The pattern-watching proxy is slower than the guest dirties memory: allow the downtime.
-        pair.source.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 5000 }
+        // Scaled as every test's limits are: under ThreadSanitizer the proxy is slower still.
+        pair.source.setParameters { $0.maxBandwidth = 0; $0.downtimeLimit = 5000 * testTimeScale }
         try pair.source.migrate(uri: proxy.uri)
         #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
         #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")

@@ -215,14 +215,16 @@ extension OutgoingMigration {
             guard toSend.testAndClear(i) else { cursor = i + 1; continue }
             pagesThisPass += 1
             let neverTouched = try populated.map { try !$0.mayHoldData(i) } ?? false
+            var wrote = true
             if let deltas {
                 switch try sendWithXBZRLE(deltas, ch, i, named: first, knownZero: neverTouched, generation: generation, lastStage: lastStage) {
                 case .zero: duplicate += 1
                 case .normal: normal += 1
-                case .delta, .unchanged: break
+                case .delta: break
+                case .unchanged: wrote = false // nothing went: the next record still names the block
                 }
             } else if try PageRecord.send(ch, block, i, named: first, knownZero: neverTouched, buffer: &header) { duplicate += 1 } else { normal += 1 }
-            first = false
+            if wrote { first = false }
             cursor = i + 1
             batch += 1
             if batch % checkEvery == 0 {
