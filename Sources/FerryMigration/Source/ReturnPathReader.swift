@@ -74,6 +74,8 @@ extension OutgoingMigration {
             return (urgent, nil)
         }
         if let refusal { throw MigrationError(.protocolError, refusal) }
-        try pc?.send(pages, of: block, from: toSend)
+        if let counts = try pc?.send(pages, of: block, from: toSend), counts.total > 0 {
+            updateStats { $0.normal += counts.normal; $0.duplicate += counts.duplicate }
+        }
     }
 }

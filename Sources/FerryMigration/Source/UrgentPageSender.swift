@@ -11,18 +11,29 @@ final class UrgentPageSender: @unchecked Sendable {
 
     init(channel: MigrationChannel) { self.channel = channel }
 
-    /// Sends the pages of `pages` still to send, at once.
-    func send(_ pages: Range<Int>, of block: RAMBlock, from toSend: PageBitmap) throws {
-        var sent = false
+    /// Sends the pages of `pages` still to send, at once. Returns how many went as pages
+    /// and as zero records (`normal`, `duplicate`).
+    @discardableResult
+    func send(_ pages: Range<Int>, of block: RAMBlock, from toSend: PageBitmap) throws -> PageCounts {
+        var counts = PageCounts()
         for p in pages where toSend.testAndClear(p) {
-            try PageRecord.send(channel, block, p, named: !named, buffer: &buffer)
+            counts.add(zero: try PageRecord.send(channel, block, p, named: !named, buffer: &buffer))
             named = true
-            sent = true
         }
-        guard sent else { return }
+        guard counts.total > 0 else { return counts }
         do { try channel.flush() } catch {
             // A broken urgent channel is a link failure: pause like the main channel would.
             throw MigrationError(.io, "urgent-page channel failed", cause: error)
         }
+        return counts
     }
+}
+
+/// Pages sent whole and as zero records, for `normal` and `duplicate` (QEMU counts zero
+/// pages in every phase, postcopy's too).
+struct PageCounts {
+    var normal: UInt64 = 0
+    var duplicate: UInt64 = 0
+    var total: UInt64 { normal + duplicate }
+    mutating func add(zero: Bool) { if zero { duplicate += 1 } else { normal += 1 } }
 }
