@@ -105,8 +105,13 @@ struct AutoConvergeMigrationTests {
             return s.status == .completed || s.status == .failed
         }
         #expect(done && pair.source.queryMigrate().status == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
-        // Under ThreadSanitizer the limits scale up (×4) and 60 % can be enough.
-        #expect(seen.first == 60 && seen == seen.sorted() && (seen.count >= 2 || testTimeScale > 1), "throttle steps seen: \(seen)")
+        // Under ThreadSanitizer the downtime limit is ×4 and the link slower: the guest may
+        // converge with one step or none; the steps are checked at full speed.
+        if testTimeScale == 1 {
+            #expect(seen.first == 60 && seen == seen.sorted() && seen.count >= 2, "throttle steps seen: \(seen)")
+        } else {
+            #expect(seen == seen.sorted(), "throttle steps seen: \(seen)")
+        }
         if let throttledRate { #expect(throttledRate < free * 0.7, "passes/s: free \(free), at 60 % \(throttledRate)") }
         #expect(pair.source.queryMigrate().cpuThrottlePercentage == nil, "the throttle outlived the migration")
         #expect(pair.source.machine.throttlePercent == 0)
