@@ -22,6 +22,11 @@ enum Chart {
         return 10 * p
     }
 
+    /// 0, step, 2 × step, ... up to `maximum` (a hair of rounding allowed).
+    static func ticks(upTo maximum: Double, step: Double) -> [Double] {
+        stride(from: 0.0, through: maximum + step * 1e-9, by: step).map { $0 }
+    }
+
     /// The window the rates are measured over.
     static let rateWindowMs = 250.0
 
@@ -79,11 +84,9 @@ enum Chart {
                 }
             }
             // y axis: gridlines and labels in MB/s.
-            var r = 0.0
-            while r <= rMax + 1e-9 {
+            for r in ticks(upTo: rMax, step: yStep) {
                 svg += "<line x1='\(left)' y1='\(y(r))' x2='\(w - 20)' y2='\(y(r))' stroke='#ccc' stroke-width='0.5'/>"
                 svg += "<text x='\(left - 6)' y='\(y(r) + 4)' text-anchor='end'>\(r >= 10 || r == 0 ? String(Int(r)) : String(format: "%g", r))</text>\n"
-                r += yStep
             }
             svg += "<text x='14' y='\(y0 + ph / 2)' transform='rotate(-90 14 \(y0 + ph / 2))' text-anchor='middle'>MB/s</text>\n"
             let pts = all[k].map { "\(String(format: "%.1f", x($0.t))),\(String(format: "%.1f", y($0.mbps)))" }.joined(separator: " ")
@@ -98,11 +101,9 @@ enum Chart {
             svg += "<text x='\(left)' y='\(y0 - 6)' font-weight='bold'>\(panel.label)</text>\n"
             // x axis: seconds since migrate.
             let xStep = tickStep(tMax / 1000, count: 8) * 1000
-            var t = 0.0
-            while t <= tMax + 1e-9 {
+            for t in ticks(upTo: tMax, step: xStep) {
                 svg += "<line x1='\(x(t))' y1='\(y0 + ph)' x2='\(x(t))' y2='\(y0 + ph + 4)' stroke='#888'/>"
                 svg += "<text x='\(x(t))' y='\(y0 + ph + 16)' text-anchor='middle'>\(String(format: "%g", t / 1000))</text>\n"
-                t += xStep
             }
             svg += "<text x='\(w - 20)' y='\(y0 + ph + 30)' text-anchor='end'>seconds since migrate</text>\n"
         }
@@ -143,11 +144,9 @@ enum Chart {
             svg += "<text x='\(left + Double(i) * slot)' y='\(top + ph + 14)'>\(label)</text>\n"
         }
         let step = max(1, tickStep(Double(maxCount)))
-        var c = 0.0
-        while c <= Double(maxCount) {
+        for c in ticks(upTo: Double(maxCount), step: step) {
             let cy = top + ph - c / Double(maxCount) * ph
             svg += "<line x1='\(left - 4)' y1='\(cy)' x2='\(left)' y2='\(cy)' stroke='#888'/><text x='\(left - 6)' y='\(cy + 4)' text-anchor='end'>\(Int(c))</text>\n"
-            c += step
         }
         svg += "<text x='14' y='\(top + ph / 2)' transform='rotate(-90 14 \(top + ph / 2))' text-anchor='middle'>faults</text>\n"
         svg += "<text x='\(left)' y='\(h - 20)'>latency bucket [2^N, 2^(N+1)) µs, from the vCPU's fault to the page installed (the destination's postcopy-latency-dist)</text>\n"
