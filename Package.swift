@@ -10,6 +10,7 @@ import PackageDescription
 //   FerryWire      pure stream codec (no I/O)
 //   COpenSSL       OpenSSL's headers and wrappers for its macros (libssl-dev)
 //   FerryTLS       TLS credentials (x509 directory, PSK) and sessions over a socket
+//   CZstd          libzstd's header (libzstd-dev): multifd's zstd compression
 //   FerryMigration state machine, source, destination, channels
 //   FerryQMP       QMP server and client
 //   FerryHarness   drives whole ferry processes over QMP (demo, benchmarks)
@@ -34,7 +35,8 @@ let package = Package(
         .target(name: "FerryWire", dependencies: []),
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(name: "FerryTLS", dependencies: ["COpenSSL", "FerrySys"]),
-        .target(name: "FerryMigration", dependencies: ["FerryTLS", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .target(name: "FerryMigration", dependencies: ["CZstd", "FerryTLS", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
         .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryWire", "FerryTLS", "FerryMachine", "FerrySys", "CFerry"]),
         .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys", "CFerry"]),
         .executableTarget(name: "ferry", dependencies: [

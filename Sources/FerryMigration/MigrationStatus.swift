@@ -1,4 +1,5 @@
 import FerrySys
+import FerryWire
 
 /// QEMU's `MigrationStatus`, exchanged as strings.
 public enum MigrationStatus: String, Sendable, CaseIterable {
@@ -53,7 +54,7 @@ public enum MigrationCapability: String, Sendable, CaseIterable {
     /// Capabilities whose behaviour Ferry does not have; enabling them is refused.
     public var isUnsupported: Bool {
         switch self {
-        case .rdmaPinAll, .xColo, .multifd, .backgroundSnapshot, .mappedRAM, .xIgnoreShared, .zeroCopySend: true
+        case .rdmaPinAll, .xColo, .backgroundSnapshot, .mappedRAM, .xIgnoreShared, .zeroCopySend: true
         default: false
         }
     }
@@ -91,6 +92,13 @@ public struct MigrationParameters: Sendable, Equatable {
     public var cpuThrottleTailslow = false
     public var maxCPUThrottle: UInt64 = 99
     public var throttleTriggerThreshold: UInt64 = 50
+    /// multifd: how many extra channels carry precopy pages (1-255, both sides the same),
+    /// their compression (none or zstd; both sides the same) and zstd's level (0-20).
+    /// zlib's level is kept for clients that set it; Ferry has no zlib.
+    public var multifdChannels: UInt64 = 2
+    public var multifdCompression: MultiFD.Compression = .none
+    public var multifdZstdLevel: UInt64 = 1
+    public var multifdZlibLevel: UInt64 = 1
     public init() {}
 }
 
@@ -115,6 +123,8 @@ public struct MigrationStats: Sendable {
     public var downtimeBytes: UInt64 = 0
     public var postcopyRequests: UInt64 = 0
     public var postcopyBytes: UInt64 = 0
+    /// Bytes written (source) or read (destination) on the multifd channels.
+    public var multifdBytes: UInt64 = 0
     /// Precopy did not converge and the source switched to postcopy by itself.
     public var autoSwitched = false
     /// Postcopy pauses, time spent paused or recovering, and the last recovery.

@@ -85,6 +85,7 @@ enum HumanMonitor {
             + "max-cpu-throttle: \(p.maxCPUThrottle)\n"
             + "tls-creds: \(quoted(p.tlsCreds))\ntls-hostname: \(quoted(p.tlsHostname))\n"
             + "max-bandwidth: \(p.maxBandwidth) bytes/second\ndowntime-limit: \(p.downtimeLimit) ms\n"
+            + "multifd-channels: \(p.multifdChannels)\nmultifd-compression: \(p.multifdCompression.rawValue)\n"
             + "xbzrle-cache-size: \(p.xbzrleCacheSize) bytes\n"
             + "max-postcopy-bandwidth: \(p.maxPostcopyBandwidth)\ntls-authz: ''\n"
             + "heartbeat-timeout: \(p.heartbeatTimeout) ms\nauto-recover-timeout: \(p.autoRecoverTimeout) ms\n"

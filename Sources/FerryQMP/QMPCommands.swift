@@ -120,6 +120,19 @@ enum QMPCommands {
                             throw QMPError("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size")
                         }
                         p.xbzrleCacheSize = size
+                    case "multifd-channels":
+                        let n = try uint(v, k)
+                        guard n <= 255 else { throw QMPError("Parameter 'multifd-channels' expects uint8_t") }
+                        guard n >= 1 else { throw QMPError("Parameter 'multifd_channels' expects a value between 1 and 255") }
+                        p.multifdChannels = n
+                    case "multifd-compression":
+                        guard let name = v as? String, let c = MultiFD.Compression(rawValue: name) else {
+                            throw QMPError("Parameter 'multifd-compression' does not accept value '\(v)'")
+                        }
+                        guard c != .zlib else { throw QMPError("Parameter 'multifd-compression' value 'zlib' is not supported by Ferry (use 'none' or 'zstd')") }
+                        p.multifdCompression = c
+                    case "multifd-zstd-level": p.multifdZstdLevel = try uint(v, k, in: 0...20, "multifd_zstd_level", "0 to 20")
+                    case "multifd-zlib-level": p.multifdZlibLevel = try uint(v, k, in: 0...9, "multifd_zlib_level", "0 to 9")
                     case "cpu-throttle-initial": p.cpuThrottleInitial = try uint(v, k, in: 1...99, "cpu_throttle_initial", "1 to 99")
                     case "cpu-throttle-increment": p.cpuThrottleIncrement = try uint(v, k, in: 1...99, "cpu_throttle_increment", "1 to 99")
                     case "throttle-trigger-threshold": p.throttleTriggerThreshold = try uint(v, k, in: 1...100, "throttle_trigger_threshold", "1 to 100")
@@ -144,6 +157,8 @@ enum QMPCommands {
                     "heartbeat-timeout": p.heartbeatTimeout, "auto-recover-timeout": p.autoRecoverTimeout,
                     "postcopy-device-timeout": p.postcopyDeviceTimeout,
                     "postcopy-auto-switch-passes": p.postcopyAutoSwitchPasses, "xbzrle-cache-size": p.xbzrleCacheSize,
+                    "multifd-channels": p.multifdChannels, "multifd-compression": p.multifdCompression.rawValue,
+                    "multifd-zstd-level": p.multifdZstdLevel, "multifd-zlib-level": p.multifdZlibLevel,
                     "cpu-throttle-initial": p.cpuThrottleInitial, "cpu-throttle-increment": p.cpuThrottleIncrement, "cpu-throttle-tailslow": p.cpuThrottleTailslow,
                     "max-cpu-throttle": p.maxCPUThrottle, "throttle-trigger-threshold": p.throttleTriggerThreshold, "tls-creds": p.tlsCreds, "tls-hostname": p.tlsHostname, "tls-authz": ""]
         default:
@@ -199,7 +214,7 @@ enum QMPCommands {
             "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * UInt64(Wire.pageSize),
             "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
             "dirty-pages-rate": s.dirtyPagesRate, "page-size": Wire.pageSize, "precopy-bytes": s.precopyBytes,
-            "downtime-bytes": s.downtimeBytes, "postcopy-bytes": s.postcopyBytes, "postcopy-requests": s.postcopyRequests, "multifd-bytes": 0,
+            "downtime-bytes": s.downtimeBytes, "postcopy-bytes": s.postcopyBytes, "postcopy-requests": s.postcopyRequests, "multifd-bytes": s.multifdBytes,
             "skipped": 0, "dirty-sync-missed-zero-copy": 0,
             "x-auto-postcopy": s.autoSwitched,
         ] as [String: Any]

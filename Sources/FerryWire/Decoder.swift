@@ -46,6 +46,9 @@ public enum RAMRecord: Sendable, Equatable {
     case zero(block: Int, offset: UInt64)
     /// An XBZRLE delta of `length` bytes (at most a page) follows; the caller reads it.
     case xbzrle(block: Int, offset: UInt64, length: Int)
+    /// RAM_SAVE_FLAG_MULTIFD_FLUSH: every multifd channel's pages up to its SYNC packet
+    /// land before anything after this record.
+    case multifdFlush
     case eos
 }
 
@@ -203,6 +206,10 @@ public final class StreamDecoder {
         if flags.contains(.eos) {
             guard flags == .eos, offset == 0 else { throw WireError(.badFlags, "EOS with other bits set: 0x\(String(word, radix: 16))") }
             return .eos
+        }
+        if flags.contains(.multifdFlush) {
+            guard flags == .multifdFlush, offset == 0 else { throw WireError(.badFlags, "MULTIFD_FLUSH with other bits set: 0x\(String(word, radix: 16))") }
+            return .multifdFlush
         }
         if flags.contains(.memSize) {
             guard flags == .memSize else { throw WireError(.badFlags, "MEM_SIZE with other flags") }

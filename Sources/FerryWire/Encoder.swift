@@ -80,6 +80,9 @@ extension WireBuffer {
 
     public mutating func ramEOS() { be64(RAMFlags.eos.rawValue) }
 
+    /// RAM_SAVE_FLAG_MULTIFD_FLUSH, after every multifd channel's SYNC packet.
+    public mutating func multifdFlush() { be64(RAMFlags.multifdFlush.rawValue) }
+
     /// A `QEMU_VM_COMMAND`.
     public mutating func command(_ type: CommandType, _ payload: [UInt8] = []) {
         precondition(payload.count <= Wire.maxCommandLength)

@@ -1,12 +1,15 @@
+import FerrySys
+import FerryWire
+
 /// The one place every migration channel is set up, on both sides: the main channel and
 /// its return path, the postcopy-preempt (urgent) channel, and every recovery connection.
 ///
 /// A socket channel gets the heartbeat read timeout (`heartbeat-timeout`: silence that long
 /// is a dead link) and TCP keep-alive / user timeout, so the kernel gives up on a dead peer
-/// as soon. The urgent channel carries pages only when asked, so it has no read timeout:
-/// the main channel carries the heartbeat.
+/// as soon. The urgent channel carries pages only when asked, and a multifd channel only
+/// in precopy, so they have no read timeout: the main channel carries the heartbeat.
 enum ChannelSetup {
-    enum Role: Sendable { case main, urgent }
+    enum Role: Sendable { case main, urgent, multifd }
 
     /// Applies the heartbeat and liveness settings to `ch` for its role.
     static func configure(_ ch: MigrationChannel, role: Role, heartbeatTimeoutMs: UInt64) {
@@ -27,6 +30,52 @@ enum ChannelSetup {
     /// How long the destination waits for the source's urgent channel after LISTEN or
     /// POSTCOPY_RESUME.
     static let urgentAcceptTimeoutMs: Int32 = 10_000
+
+    /// Accepts the source's `count` multifd channels (with the listener's TLS), each
+    /// starting with its `MultiFDInit`: one migration's uuid, ids 0..<count once each.
+    /// Returned in id order. A connection that does not start as a multifd channel (a port
+    /// scan) is dropped; the channels must all come within `urgentAcceptTimeoutMs`.
+    static func acceptMultifd(on listener: MigrationListener, count: Int, heartbeatTimeoutMs: UInt64) throws -> [MigrationChannel] {
+        var byID: [Int: MigrationChannel] = [:]
+        var uuid: [UInt8]?
+        let deadline = Sys.monotonicNanos() + UInt64(urgentAcceptTimeoutMs) * 1_000_000
+        do {
+            while byID.count < count {
+                let left = Int32(clamping: (deadline - min(deadline, Sys.monotonicNanos())) / 1_000_000)
+                guard left > 0, listener.waitForConnection(timeoutMs: left) else {
+                    throw MigrationError(.timeout, "the source opened \(byID.count) of \(count) multifd channels (multifd-channels is \(count) here)")
+                }
+                let ch = try listener.accept()
+                ch.readTimeoutMs = Int32(clamping: left)
+                let initial: MultiFD.Initial
+                do {
+                    initial = try MultiFD.Initial(decoding: try ch.bytes(MultiFD.initSize))
+                } catch let e as WireError where e.code == .badMagic {
+                    ch.close() // not a multifd channel
+                    continue
+                } catch {
+                    ch.close()
+                    throw error
+                }
+                guard Int(initial.id) < count, byID[Int(initial.id)] == nil else {
+                    ch.close()
+                    throw MigrationError(.protocolError, "multifd: received channel id \(initial.id), expected one of 0..<\(count) not seen yet (multifd-channels is \(count) here)")
+                }
+                if let uuid, uuid != initial.uuid {
+                    ch.close()
+                    throw MigrationError(.protocolError, "multifd: channel \(initial.id) belongs to another migration (uuid differs)")
+                }
+                uuid = initial.uuid
+                configure(ch, role: .multifd, heartbeatTimeoutMs: heartbeatTimeoutMs)
+                if !ch.isSocket || heartbeatTimeoutMs == 0 { ch.readTimeoutMs = 0 }
+                byID[Int(initial.id)] = ch
+            }
+        } catch {
+            for ch in byID.values { ch.close() }
+            throw error
+        }
+        return (0..<count).map { byID[$0]! }
+    }
 
     /// Accepts (with the listener's TLS) and configures a destination-side channel.
     static func accept(on listener: MigrationListener, role: Role, heartbeatTimeoutMs: UInt64) throws -> MigrationChannel {

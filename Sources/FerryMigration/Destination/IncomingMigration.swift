@@ -18,7 +18,8 @@ import Glibc
 ///
 /// Ownership of the mutable fields:
 /// - guarded by `lock`: `phase`, `_stats`, `_capabilities`, `channel`, `urgentChannel`,
-///   `urgentThread`, `faultService`, `recoveryListener`, `recoverTriggered`, `pauseRequested`;
+///   `urgentThread`, `faultService`, `recoveryListener`, `recoverTriggered`, `pauseRequested`,
+///   `multifd` (set by `mig/dst/main`, which reads it without the lock);
 /// - `mig/dst/main` only: `postcopyAdvised`, `switchoverTimeline`;
 /// - `returnPath` serialises its writers itself; `received` / `requested` are atomic bitmaps;
 ///   the rest is immutable.
@@ -50,6 +51,8 @@ final class IncomingMigration: @unchecked Sendable {
     var channel: MigrationChannel?
     var urgentChannel: MigrationChannel?
     var urgentThread: KernelThread?
+    /// With capability `multifd`: the channels precopy pages come on.
+    var multifd: MultifdReceivers?
     /// Userfaultfd and its fault thread, from POSTCOPY_LISTEN on.
     var faultService: FaultService?
     var recoveryListener: MigrationListener?
@@ -107,7 +110,8 @@ final class IncomingMigration: @unchecked Sendable {
         let (s, caught, caps): (MigrationStats, Bool, Set<MigrationCapability>) = lock.withLock {
             var s = _stats
             s.status = phase.status
-            s.transferred = retiredBytes + (channel?.bytesRead ?? 0) + (urgentChannel?.bytesRead ?? 0)
+            s.multifdBytes = multifd?.bytesRead ?? 0
+            s.transferred = retiredBytes + (channel?.bytesRead ?? 0) + (urgentChannel?.bytesRead ?? 0) + s.multifdBytes
             return (s, faultService != nil, _capabilities) // from LISTEN on, through the end
         }
         var out = s
@@ -137,13 +141,14 @@ final class IncomingMigration: @unchecked Sendable {
             // From here on the stream decides: capabilities set over QMP until now apply.
             let caps = host.takeIncomingCapabilities()
             lock.withLock { _capabilities = caps }
-            // Postcopy keeps listening: the urgent channel and automatic recovery come here.
-            if !caps.contains(.postcopyRAM) { listener.close() }
             ChannelSetup.configure(ch, role: .main, heartbeatTimeoutMs: host.parameters.heartbeatTimeout)
             try advance(.sourceConnected) {
                 if let t = ch.tlsDescription { $0.tls = t }
                 self.channel = ch
             }
+            if caps.contains(.multifd) { try acceptMultifdChannels(postcopy: caps.contains(.postcopyRAM)) }
+            // Postcopy keeps listening: the urgent channel and automatic recovery come here.
+            if !caps.contains(.postcopyRAM) { listener.close() }
             if ch.isSocket { try startKeepalive() }
             switch try load(ch) {
             case .precopy(let devices, var timeline):
@@ -158,6 +163,7 @@ final class IncomingMigration: @unchecked Sendable {
                 returnPath.send { $0.rpShut(0) }
                 try advance(.finished) { $0.endNanos = Sys.monotonicNanos() }
                 returnPath.attach(nil) // no writer may touch the fd once it is closed
+                multifd?.close()
                 ch.close()
                 listener.close()
             case .postcopy(let decoder):
@@ -168,7 +174,9 @@ final class IncomingMigration: @unchecked Sendable {
             // copy. Keep answering on the address with SHUT(1), so a source that tries to
             // recover learns that and runs its guest again instead of waiting forever.
             let refuse = postcopyAdvised && capabilities.contains(.postcopyRAM)
-            fail(error)
+            // A multifd channel that failed shut the main one: its error is the reason.
+            fail(multifd?.failure ?? error)
+            multifd?.close()
             let ch = lock.withLock { channel }
             ch?.shutdown()
             returnPath.attach(nil) // no writer may touch the fd once it is closed
@@ -179,6 +187,30 @@ final class IncomingMigration: @unchecked Sendable {
                 host.incomingFailed("\(error)")
             }
         }
+    }
+
+    /// The source's multifd channels (`multifd-channels` and `multifd-compression` as set
+    /// here, which must match the source's) and their receiver threads.
+    private func acceptMultifdChannels(postcopy: Bool) throws {
+        guard listener.isSocket else { throw MigrationError(.config, "multifd is not supported by current protocol (use a tcp: or unix: URI)") }
+        let p = host.parameters
+        let channels = try ChannelSetup.acceptMultifd(on: listener, count: Int(p.multifdChannels), heartbeatTimeoutMs: p.heartbeatTimeout)
+        let receivers = try MultifdReceivers(channels: channels, block: machine.ram, layout: layout, compression: p.multifdCompression,
+                                             received: received, populateZeroPages: postcopy) { [weak self] _ in self?.multifdFailed() }
+        lock.withLock { multifd = receivers }
+    }
+
+    /// A multifd channel failed: before the postcopy package that fails the migration
+    /// (the main channel is shut, so the loader stops); later the channels are idle and
+    /// their end means nothing.
+    private func multifdFailed() {
+        let ch: MigrationChannel? = lock.withLock {
+            switch phase {
+            case .listening, .loading: channel
+            default: nil
+            }
+        }
+        ch?.shutdown()
     }
 
     /// The destination's side of the heartbeat (`mig/dst/alive`): a keep-alive PONG every

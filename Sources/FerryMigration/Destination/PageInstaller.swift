@@ -37,6 +37,7 @@ final class PageInstaller: @unchecked Sendable {
 
     /// A postcopy page is placed whole (UFFDIO_COPY); QEMU sends no delta then either.
     static let deltaInPostcopy = MigrationError(.protocolError, "an XBZRLE page in postcopy: postcopy pages are sent whole")
+    static let flushInPostcopy = MigrationError(.protocolError, "a multifd flush in postcopy: multifd carries precopy pages only")
 
     @inline(__always) private func installed(_ page: Int) {
         received.set(page)
@@ -52,6 +53,7 @@ final class PageInstaller: @unchecked Sendable {
             case let .page(b, offset): try page(b, offset, from: ch)
             case let .zero(b, offset): try zero(b, offset)
             case .xbzrle: throw Self.deltaInPostcopy
+            case .multifdFlush: throw Self.flushInPostcopy
             }
         }
     }
@@ -79,6 +81,7 @@ extension IncomingMigration {
                     case let .page(b, offset): try installer.page(b, offset, from: pc)
                     case let .zero(b, offset): try installer.zero(b, offset)
                     case .xbzrle: throw PageInstaller.deltaInPostcopy
+                    case .multifdFlush: throw PageInstaller.flushInPostcopy
                     }
                 }
             } catch {

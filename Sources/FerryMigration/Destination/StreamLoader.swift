@@ -156,6 +156,9 @@ extension IncomingMigration {
                     try XBZRLE.decode(UnsafeRawBufferPointer(data), into: blocks[b].host + Int(offset), count: Wire.pageSize)
                 }
                 received.set(Int(offset >> UInt64(Wire.pageShift)))
+            case .multifdFlush:
+                guard let multifd else { throw MigrationError(.protocolError, "a multifd flush in the stream, but capability multifd is off here") }
+                try multifd.flush()
             }
         }
     }

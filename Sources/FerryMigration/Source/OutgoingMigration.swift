@@ -15,7 +15,8 @@ import Glibc
 ///
 /// Ownership of the mutable fields:
 /// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`,
-///   `requests`, `asked`, `recoveryURI`;
+///   `requests`, `asked`, `recoveryURI`, `multifd` (set by `mig/src/main`, which reads it
+///   without the lock);
 /// - `mig/src/main` only: `cursor`, `header`, `limiter`, `pings`, `switchover`, `rpThread`
 ///   (joined by main before it starts another), `xbzrle`, `xbzrleReported`, `pagesThisPass`, `autoConverge`, `lastSyncNanos`;
 /// - `toSend` is an atomic bitmap shared by both threads; the rest is immutable.
@@ -40,6 +41,9 @@ final class OutgoingMigration: @unchecked Sendable {
     var channel: MigrationChannel?
     /// postcopy-preempt's urgent channel, written by the return-path thread.
     var urgent: UrgentPageSender?
+    /// With capability `multifd`: the extra channels precopy pages go on (kept after they
+    /// close, for their byte counts).
+    var multifd: MultifdSenders?
     /// What the return-path thread heard, for the main thread.
     var inbox = ReturnPathInbox()
     /// Page requests waiting for the main thread (without postcopy-preempt).
@@ -124,6 +128,7 @@ final class OutgoingMigration: @unchecked Sendable {
             var s = _stats
             s.status = phase.status
             if phase.isRunning { s.transferred = bytesSentLocked }
+            s.multifdBytes = multifd?.bytesWritten ?? 0
             if let start = bytesAtPostcopyStart { s.postcopyBytes = s.transferred - min(start, s.transferred) }
             s.xbzrle?.cacheSize = _parameters.xbzrleCacheSize // as QEMU: the parameter
             return s
@@ -131,7 +136,9 @@ final class OutgoingMigration: @unchecked Sendable {
     }
 
     /// Every byte of this migration written so far, on every channel. Caller holds `lock`.
-    var bytesSentLocked: UInt64 { retiredBytes + (channel?.bytesWritten ?? 0) + (urgent?.channel.bytesWritten ?? 0) }
+    var bytesSentLocked: UInt64 {
+        retiredBytes + (channel?.bytesWritten ?? 0) + (urgent?.channel.bytesWritten ?? 0) + (multifd?.bytesWritten ?? 0)
+    }
 
     var parameters: MigrationParameters { lock.withLock { _parameters } }
     func updateParameters(_ p: MigrationParameters) { lock.withLock { _parameters = p } }
@@ -161,6 +168,7 @@ final class OutgoingMigration: @unchecked Sendable {
             }
             let r = SourcePhase.step(&phase, .cancel) // refused once finished or cancelling: nothing to do
             if r.after != nil { lock.broadcast() }
+            if r.after != nil { multifd?.abort() }
             return (r, channel)
         }
         guard let after = step.after else { return }
@@ -206,8 +214,25 @@ final class OutgoingMigration: @unchecked Sendable {
 
     // MARK: main thread
 
+    /// The multifd channels, after the main channel's setup (the destination takes the
+    /// first connection that starts a stream as the main one).
+    private func openMultifdChannels() throws {
+        let p = parameters
+        var rng = SystemRandomNumberGenerator()
+        let uuid = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let senders = try MultifdSenders(uri: uri, count: Int(p.multifdChannels), tls: tls, heartbeatTimeoutMs: p.heartbeatTimeout, uuid: uuid,
+                                         block: block, compression: p.multifdCompression, zstdLevel: Int(p.multifdZstdLevel),
+                                         isCancelled: { [self] in isCancelled }) { [weak self] normal, zero in
+            self?.updateStats { $0.normal += normal; $0.duplicate += zero }
+        }
+        lock.withLock { multifd = senders }
+    }
+
     private func run() {
         do {
+            if capabilities.contains(.multifd), !uri.isBidirectional {
+                throw MigrationError(.config, "multifd is not supported by current protocol (use a tcp: or unix: URI)")
+            }
             let ch = try ChannelSetup.connect(uri, role: .main, tls: tls, heartbeatTimeoutMs: parameters.heartbeatTimeout,
                                               isCancelled: { [self] in isCancelled })
             try lock.withLock {
@@ -216,7 +241,8 @@ final class OutgoingMigration: @unchecked Sendable {
                 if phase == .cancelling { throw MigrationError.cancelledByUser }
             }
             let returnPath = uri.isBidirectional
-            if capabilities.contains(.xbzrle) {
+            // As QEMU: with multifd, pages go on its channels whole (or compressed), never as deltas.
+            if capabilities.contains(.xbzrle) && !capabilities.contains(.multifd) {
                 let size = parameters.xbzrleCacheSize
                 xbzrle = try XBZRLESender(cacheSize: size)
                 updateStats { $0.xbzrle = XBZRLEReport(cacheSize: size) }
@@ -224,6 +250,7 @@ final class OutgoingMigration: @unchecked Sendable {
             if capabilities.contains(.autoConverge) { autoConverge = AutoConvergePolicy(now: Sys.monotonicNanos(), sent: 0) }
             try sendSetup(ch, returnPath: returnPath)
             if returnPath { try startReturnPath(ch) }
+            if capabilities.contains(.multifd) { try openMultifdChannels() }
             try machine.vm.setDirtyLogging(machine.ram, true)
             // The first pass sends everything; the log only matters from here on.
             let discard = PageBitmap(bitCount: block.pageCount)
@@ -263,8 +290,10 @@ final class OutgoingMigration: @unchecked Sendable {
             }
         }
         try? machine.vm.setDirtyLogging(machine.ram, false) // cleanup: the migration failed already
-        let ch = lock.withLock { channel }
+        let (ch, mf) = lock.withLock { (channel, multifd) }
         ch?.abort()
+        mf?.abort()
+        mf?.close()
         ch?.close()
         if case let .file(path) = uri { Transport.removePartialFile(path) }
         let (cancelled, splitWithoutWord) = lock.withLock { (phase == .cancelling, phase.guestSplit && !neverRan) }

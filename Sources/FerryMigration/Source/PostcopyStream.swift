@@ -10,6 +10,17 @@ import FerryWire
 extension OutgoingMigration {
     func runPostcopy(_ ch: MigrationChannel) throws {
         var timeline = SwitchoverTimeline(start: Sys.monotonicNanos())
+        if let multifd {
+            // Postcopy's pages go on the main and urgent channels: every multifd page lands
+            // before the discards, and the channels close.
+            header.removeAll()
+            header.ramSectionBegin(.part, id: Self.ramSectionID)
+            try appendMultifdFlush()
+            header.ramSectionEnd(id: Self.ramSectionID)
+            try ch.write(header)
+            try ch.flush()
+            try multifd.finish()
+        }
         // While the guest still runs here: the destination drops its stale copy of every page
         // still to send (nothing is sent in between) and reads the precopy backlog in the
         // sockets; the PONG after says it has (at most 200 ms: then the stop goes ahead). The

@@ -49,8 +49,8 @@ extension OutgoingMigration {
 
     /// Precopy passes until the policy says stop (or postcopy was asked for).
     func iterateUntilConverged(_ ch: MigrationChannel) throws -> ConvergencePolicy.Verdict {
-        var policy = ConvergencePolicy(now: Sys.monotonicNanos(), sent: ch.bytesWritten, ramBytes: UInt64(block.length))
-        limiter.reset(now: Sys.monotonicNanos(), sent: ch.bytesWritten, bytesPerSecond: parameters.maxBandwidth)
+        var policy = ConvergencePolicy(now: Sys.monotonicNanos(), sent: precopyBytesOut(ch), ramBytes: UInt64(block.length))
+        limiter.reset(now: Sys.monotonicNanos(), sent: precopyBytesOut(ch), bytesPerSecond: parameters.maxBandwidth)
         while true {
             try checkPrecopy()
             if lock.withLock({ asked.postcopy }) { return .switchToPostcopy }
@@ -59,6 +59,8 @@ extension OutgoingMigration {
             try ch.write(header)
             let passDone = try sendPages(ch, limited: true)
             header.removeAll()
+            // The end of a pass: a page sent again in the next one must land after this copy.
+            if passDone { try appendMultifdFlush() }
             header.ramSectionEnd(id: Self.ramSectionID)
             if uri.isBidirectional { pingIfDue() }
             try ch.write(header)
@@ -79,7 +81,7 @@ extension OutgoingMigration {
             xbzrle?.started = true
             let p = parameters
             let autoSwitch = capabilities.contains(.postcopyRAM) ? p.postcopyAutoSwitchPasses : 0
-            let (verdict, pass) = policy.passEnded(now: now, sent: ch.bytesWritten, dirtyPages: UInt64(toSend.popcount()), pageSize: Wire.pageSize,
+            let (verdict, pass) = policy.passEnded(now: now, sent: precopyBytesOut(ch), dirtyPages: UInt64(toSend.popcount()), pageSize: Wire.pageSize,
                                                    downtimeLimitMs: p.downtimeLimit, maxBandwidth: p.maxBandwidth, autoSwitchPasses: autoSwitch,
                                                    pagesSent: pagesThisPass)
             pagesThisPass = 0
@@ -103,7 +105,7 @@ extension OutgoingMigration {
         let stopNanos = Sys.monotonicNanos()
         timeline.mark("stop", now: stopNanos)
         try advance(.converged)
-        let before = ch.bytesWritten
+        let before = precopyBytesOut(ch)
         try collectDirtyPages()
         timeline.mark("sync", now: Sys.monotonicNanos())
         header.removeAll()
@@ -111,8 +113,9 @@ extension OutgoingMigration {
         try ch.write(header)
         cursor = 0
         _ = try sendPages(ch, limited: false, lastStage: true)
-        timeline.mark("ram", now: Sys.monotonicNanos())
         header.removeAll()
+        try appendMultifdFlush() // every multifd page lands before the device state
+        timeline.mark("ram", now: Sys.monotonicNanos())
         header.ramSectionEnd(id: Self.ramSectionID)
         let described = try appendDeviceState(to: &header)
         header.eof()
@@ -121,7 +124,7 @@ extension OutgoingMigration {
         try ch.write(header)
         try ch.flush()
         timeline.mark("device-state", now: Sys.monotonicNanos())
-        updateStats { $0.downtimeBytes = ch.bytesWritten - before; $0.remaining = 0 }
+        updateStats { $0.downtimeBytes = self.precopyBytesOut(ch) - before; $0.remaining = 0 }
         if returnPath {
             let shut = try waitForShut(seconds: 60)
             guard shut == 0 else { throw MigrationError(.peerFailed, "the destination failed to load the migration (SHUT \(shut))") }
@@ -129,6 +132,7 @@ extension OutgoingMigration {
             Glibc.shutdown(ch.fd, Int32(SHUT_WR))
         }
         try ch.finishOutput() // exec: the command consumed everything; file: on disk
+        multifd?.close()
         let end = Sys.monotonicNanos()
         timeline.mark("destination", now: end)
         try? machine.vm.setDirtyLogging(machine.ram, false) // the migration is done; a stale log costs nothing
@@ -208,6 +212,7 @@ extension OutgoingMigration {
         var normal: UInt64 = 0, duplicate: UInt64 = 0
         defer { updateStats { $0.normal += normal; $0.duplicate += duplicate } }
         let populated = self.populated
+        if let multifd { return try sendPagesMultifd(multifd, ch, limited: limited, checkEvery: checkEvery, started: started, populated: populated) }
         try xbzrle?.resize(parameters.xbzrleCacheSize)
         let deltas = xbzrle
         let generation = deltas == nil ? 0 : updateStats { $0.dirtySyncCount }
@@ -239,6 +244,47 @@ extension OutgoingMigration {
         cursor = 0
         return true
     }
+
+    /// `sendPages` with multifd: the dirty pages go to the channels in packets of up to
+    /// 128; the channels' threads read, test and write them.
+    private func sendPagesMultifd(_ m: MultifdSenders, _ ch: MigrationChannel, limited: Bool, checkEvery: Int, started: UInt64,
+                                  populated: PopulatedPages?) throws -> Bool {
+        var packet: [MultifdSenders.Page] = []
+        packet.reserveCapacity(MultiFD.pagesPerPacket)
+        var batch = 0
+        func queuePacket() throws {
+            if !packet.isEmpty { try m.queue(packet) }
+            packet.removeAll(keepingCapacity: true)
+        }
+        while let i = toSend.nextSet(from: cursor) {
+            guard toSend.testAndClear(i) else { cursor = i + 1; continue }
+            pagesThisPass += 1
+            packet.append(.init(index: i, knownZero: try populated.map { try !$0.mayHoldData(i) } ?? false))
+            cursor = i + 1
+            if packet.count == MultiFD.pagesPerPacket { try queuePacket() }
+            batch += 1
+            if limited && batch % checkEvery == 0 {
+                if try rateLimit(ch) || Sys.nanosSince(started) > 50_000_000 {
+                    try queuePacket()
+                    return false
+                }
+            }
+        }
+        try queuePacket()
+        cursor = 0
+        return true
+    }
+
+    /// With multifd: a SYNC packet on every channel and the main channel's flush record
+    /// (queued in `header`, inside a RAM section).
+    func appendMultifdFlush() throws {
+        guard let multifd else { return }
+        try multifd.sync()
+        header.multifdFlush()
+    }
+
+    /// Precopy bytes out on the main and multifd channels (main thread).
+    func precopyBytesOut(_ ch: MigrationChannel) -> UInt64 { ch.bytesWritten + (multifd?.bytesWritten ?? 0) }
 
     enum SentAs { case zero, normal, delta, unchanged }
 
@@ -277,13 +323,13 @@ extension OutgoingMigration {
     /// Sleeps while the rate limiter says the budget is spent. Returns true when the caller
     /// should end the section (it waited).
     private func rateLimit(_ ch: MigrationChannel) throws -> Bool {
-        var wait = limiter.delay(sent: ch.bytesWritten + UInt64(ch.pendingBytes), now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxBandwidth)
+        var wait = limiter.delay(sent: precopyBytesOut(ch) + UInt64(ch.pendingBytes), now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxBandwidth)
         guard wait > 0 else { return false }
         try ch.flush()
         while wait > 0 {
             try checkPrecopy()
             usleep(UInt32(min(wait / 1000, 10_000)))
-            wait = limiter.delay(sent: ch.bytesWritten, now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxBandwidth)
+            wait = limiter.delay(sent: precopyBytesOut(ch), now: Sys.monotonicNanos(), bytesPerSecond: parameters.maxBandwidth)
         }
         return true
     }

@@ -36,6 +36,7 @@ enum StreamFuzzTarget {
                         checkInside(b, off)
                         _ = try source.bytes(4096)
                     case let .zero(b, off): checkInside(b, off)
+                    case .multifdFlush: continue
                     case let .xbzrle(b, off, length):
                         checkInside(b, off)
                         precondition(length <= 4096)

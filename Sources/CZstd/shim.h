@@ -1,0 +1,2 @@
+// Debian's libzstd (libzstd-dev): multifd-compression zstd.
+#include <zstd.h>
