@@ -139,6 +139,22 @@ struct EngineStateTests {
         #expect(v3 == .stopAndCopy && r3.bandwidth == 1e9)
     }
 
+    @Test("convergence: compressed passes (under 256 KiB on the wire, over 256 KiB of pages) still measure the link and converge")
+    func convergenceCompressed() {
+        var c = ConvergencePolicy(now: 0, sent: 0, ramBytes: 64 << 20)
+        // 16 KiB on the wire for 1000 pages in 5 ms: 3.3 MB/s at 16 B a page.
+        let (v, r) = c.passEnded(now: 5 * ms, sent: 16_000, dirtyPages: 1240, pageSize: 4096, downtimeLimitMs: 300, maxBandwidth: 0,
+                                 autoSwitchPasses: 0, pagesSent: 1000)
+        #expect(r.bandwidth == 3_200_000 && v == .anotherPass) // the first pass costs pages whole: 1.6 s
+        let (v2, r2) = c.passEnded(now: 10 * ms, sent: 32_000, dirtyPages: 1240, pageSize: 4096, downtimeLimitMs: 300, maxBandwidth: 0,
+                                   autoSwitchPasses: 0, pagesSent: 1000)
+        #expect(v2 == .stopAndCopy && r2.expectedDowntimeMs == 6, "\(r2)")
+        // A near-empty pass (10 pages) still says nothing.
+        var e = ConvergencePolicy(now: 0, sent: 0, ramBytes: 64 << 20)
+        #expect(e.passEnded(now: s, sent: 160, dirtyPages: 1, pageSize: 4096, downtimeLimitMs: 300, maxBandwidth: 0,
+                            autoSwitchPasses: 0, pagesSent: 10).1.bandwidth == 0)
+    }
+
     @Test("convergence: a clock that goes backwards counts as no time (no crash, no rate)")
     func convergenceClockBackwards() {
         var c = ConvergencePolicy(now: 10 * s, sent: 0, ramBytes: 64 << 20)

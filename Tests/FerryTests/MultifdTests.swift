@@ -160,12 +160,12 @@ struct MultifdMigrationTests {
         #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
         #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")
         let s = pair.source.queryMigrate()
-        #expect(s.multifdBytes > 0 && s.transferred < 16 << 20, "\(s.transferred) bytes for 64 MiB")
+        #expect(s.multifdBytes > 0 && s.transferred < 16 << 20, "\(s.transferred) bytes for 64 MiB; multifd \(s.multifdBytes), normal \(s.normal), duplicate \(s.duplicate), syncs \(s.dirtySyncCount), mbps \(s.mbps), remaining \(s.remaining)")
         #expect(s.normal + s.duplicate >= 16_384, "normal \(s.normal), duplicate \(s.duplicate)")
         pair.expectDestinationRunsCorrectly()
     }
 
-    @Test("a multifd channel reset in precopy (at its first SYNC packet): both sides fail saying so, the source guest runs on intact, and migrates again")
+    @Test("a multifd channel reset in precopy (at its first SYNC packet): both sides fail, the destination saying why, the source guest runs on intact, and migrates again")
     func channelLoss() throws {
         let pair = try Pair(contents: .random(seed: 22))
         try Self.enable(pair, channels: 2)
@@ -179,10 +179,12 @@ struct MultifdMigrationTests {
         try pair.source.migrate(uri: proxy.uri)
         #expect(pair.source.waitForMigration(seconds: scaled(60)) == .failed)
         let error = pair.source.queryMigrate().errorDescription ?? ""
-        #expect(proxy.fired == ["reset toDestination"])
+        #expect(proxy.fired == ["reset toDestination"], "\(error)")
         #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .failed)
         #expect((pair.destination.queryMigrate().errorDescription ?? "").contains("multifd channel"), "\(pair.destination.queryMigrate().errorDescription ?? "")")
-        #expect(error.contains("multifd"), "\(error)")
+        // The source learns it from its own channel's reset or from the destination closing
+        // the main channel, whichever comes first (the return path has no words for why).
+        #expect(error.contains("multifd") || error.contains("connection closed by peer"), "\(error)")
         #expect(pair.source.runState == .running)
         #expect(waitForPasses(pair.source.machine, 2), "the source guest is not counting")
         // The source is intact: a second migration, to a fresh destination, completes exactly.

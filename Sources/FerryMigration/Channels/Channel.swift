@@ -143,11 +143,12 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
     }
 
     /// What the first bytes of a new connection say about the peer (peeked, not consumed).
-    enum StreamStart: Equatable { case source, incomplete, stray(String) }
+    enum StreamStart: Equatable { case source, multifd, incomplete, stray(String) }
 
     /// Classifies a freshly accepted connection without reading from it: the start of a
     /// migration stream (`QEVM`), or with `tls` a TLS handshake record or a plain stream
-    /// (the real source, misconfigured: the handshake reports it), is a source; EOF, a
+    /// (the real source, misconfigured: the handshake reports it), is a source; a plain
+    /// multifd channel's magic is one of the source's multifd channels, come early; EOF, a
     /// reset or other bytes are a stray connection.
     func peekStreamStart(tls: Bool) -> StreamStart {
         var b = [UInt8](repeating: 0, count: 4)
@@ -160,6 +161,8 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
         let magic: [UInt8] = [0x51, 0x45, 0x56, 0x4d] // "QEVM"
         if tls && b[0] == 0x16 { return .source } // a TLS handshake record
         if Array(b[0..<n]) == Array(magic[0..<n]) { return n == 4 ? .source : .incomplete }
+        let multifd: [UInt8] = [0x11, 0x22, 0x33, 0x44] // MultiFD.magic, big-endian
+        if !tls && Array(b[0..<n]) == Array(multifd[0..<n]) { return n == 4 ? .multifd : .incomplete }
         let hex = b[0..<n].map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: " ")
         return .stray("not a migration stream (bad magic: \(hex))")
     }

@@ -35,18 +35,25 @@ enum ChannelSetup {
     /// starting with its `MultiFDInit`: one migration's uuid, ids 0..<count once each.
     /// Returned in id order. A connection that does not start as a multifd channel (a port
     /// scan) is dropped; the channels must all come within `urgentAcceptTimeoutMs`.
-    static func acceptMultifd(on listener: MigrationListener, count: Int, heartbeatTimeoutMs: UInt64) throws -> [MigrationChannel] {
+    /// `early` are channels accepted before the main one (already plain: no TLS).
+    static func acceptMultifd(on listener: MigrationListener, count: Int, early: [MigrationChannel], heartbeatTimeoutMs: UInt64) throws -> [MigrationChannel] {
         var byID: [Int: MigrationChannel] = [:]
         var uuid: [UInt8]?
+        var early = early
         let deadline = Sys.monotonicNanos() + UInt64(urgentAcceptTimeoutMs) * 1_000_000
         do {
             while byID.count < count {
                 let left = Int32(clamping: (deadline - min(deadline, Sys.monotonicNanos())) / 1_000_000)
-                guard left > 0, listener.waitForConnection(timeoutMs: left) else {
-                    throw MigrationError(.timeout, "the source opened \(byID.count) of \(count) multifd channels (multifd-channels is \(count) here)")
+                let ch: MigrationChannel
+                if !early.isEmpty {
+                    ch = early.removeFirst()
+                } else {
+                    guard left > 0, listener.waitForConnection(timeoutMs: left) else {
+                        throw MigrationError(.timeout, "the source opened \(byID.count) of \(count) multifd channels (multifd-channels is \(count) here)")
+                    }
+                    ch = try listener.accept()
                 }
-                let ch = try listener.accept()
-                ch.readTimeoutMs = Int32(clamping: left)
+                ch.readTimeoutMs = max(1, Int32(clamping: left))
                 let initial: MultiFD.Initial
                 do {
                     initial = try MultiFD.Initial(decoding: try ch.bytes(MultiFD.initSize))
@@ -71,9 +78,10 @@ enum ChannelSetup {
                 byID[Int(initial.id)] = ch
             }
         } catch {
-            for ch in byID.values { ch.close() }
+            for ch in Array(byID.values) + early { ch.close() }
             throw error
         }
+        for ch in early { ch.close() } // more than `count`: the id check above already failed
         return (0..<count).map { byID[$0]! }
     }
 

@@ -137,7 +137,7 @@ final class IncomingMigration: @unchecked Sendable {
 
     private func run() {
         do {
-            let ch = try acceptSource()
+            let (ch, early) = try acceptSource()
             // From here on the stream decides: capabilities set over QMP until now apply.
             let caps = host.takeIncomingCapabilities()
             lock.withLock { _capabilities = caps }
@@ -146,7 +146,11 @@ final class IncomingMigration: @unchecked Sendable {
                 if let t = ch.tlsDescription { $0.tls = t }
                 self.channel = ch
             }
-            if caps.contains(.multifd) { try acceptMultifdChannels(postcopy: caps.contains(.postcopyRAM)) }
+            if caps.contains(.multifd) {
+                try acceptMultifdChannels(early: early, postcopy: caps.contains(.postcopyRAM))
+            } else {
+                for c in early { c.close() } // multifd is not enabled here: the source's connect fails it
+            }
             // Postcopy keeps listening: the urgent channel and automatic recovery come here.
             if !caps.contains(.postcopyRAM) { listener.close() }
             if ch.isSocket { try startKeepalive() }
@@ -191,10 +195,10 @@ final class IncomingMigration: @unchecked Sendable {
 
     /// The source's multifd channels (`multifd-channels` and `multifd-compression` as set
     /// here, which must match the source's) and their receiver threads.
-    private func acceptMultifdChannels(postcopy: Bool) throws {
+    private func acceptMultifdChannels(early: [MigrationChannel], postcopy: Bool) throws {
         guard listener.isSocket else { throw MigrationError(.config, "multifd is not supported by current protocol (use a tcp: or unix: URI)") }
         let p = host.parameters
-        let channels = try ChannelSetup.acceptMultifd(on: listener, count: Int(p.multifdChannels), heartbeatTimeoutMs: p.heartbeatTimeout)
+        let channels = try ChannelSetup.acceptMultifd(on: listener, count: Int(p.multifdChannels), early: early, heartbeatTimeoutMs: p.heartbeatTimeout)
         let receivers = try MultifdReceivers(channels: channels, block: machine.ram, layout: layout, compression: p.multifdCompression,
                                              received: received, populateZeroPages: postcopy) { [weak self] _ in self?.multifdFailed() }
         lock.withLock { multifd = receivers }

@@ -15,10 +15,18 @@ extension IncomingMigration {
     /// kept, so the real source still finds it; the last one dropped is reported in
     /// query-migrate's error. A connection that starts a migration stream (or, with TLS, a
     /// TLS handshake or a plain stream) is the source: its errors fail the migration.
-    func acceptSource() throws -> MigrationChannel {
-        guard listener.isSocket else { return try listener.accept() }
+    /// A multifd channel that overtook the main one (without TLS the source opens them
+    /// right after the main channel's header, and a proxy may reorder the two) is kept in
+    /// `early` for `ChannelSetup.acceptMultifd`.
+    func acceptSource() throws -> (main: MigrationChannel, early: [MigrationChannel]) {
+        guard listener.isSocket else { return (try listener.accept(), []) }
+        var early: [MigrationChannel] = []
         var candidates: [(channel: MigrationChannel, deadline: UInt64)] = []
-        defer { for c in candidates { c.channel.close() } }
+        var handedOver = false
+        defer {
+            for c in candidates { c.channel.close() }
+            if !handedOver { for ch in early { ch.close() } }
+        }
         func drop(_ i: Int, _ why: String) {
             let c = candidates.remove(at: i)
             updateStats { $0.errorDescription = "ignored a connection on \(listener.boundURI) (\(c.channel.peerDescription)): \(why)" }
@@ -44,10 +52,13 @@ extension IncomingMigration {
                     if now > candidates[i].deadline { drop(i, "sent an incomplete header") }
                 case .stray(let why):
                     drop(i, why)
+                case .multifd:
+                    early.append(candidates.remove(at: i).channel)
                 case .source:
                     candidates.remove(at: i)
                     try listener.secure(ch) // with TLS: the handshake; its failure fails the migration
-                    return ch
+                    handedOver = true
+                    return (ch, early)
                 }
             }
             if fds[0].revents & Int16(POLLIN) != 0 {

@@ -87,9 +87,10 @@ final class MultifdSenders: @unchecked Sendable {
     }
 
     /// A SYNC packet on every channel, after everything queued so far. Main thread; the
-    /// caller writes the main channel's flush record next.
+    /// caller writes the main channel's flush record next. Each channel gets its own (the
+    /// destination waits for one on every channel), whichever is idle first.
     func sync() throws {
-        for _ in senders { try hand(Job(pages: [], sync: true, packetNumber: packetNumber)) }
+        for s in senders { try hand(Job(pages: [], sync: true, packetNumber: packetNumber), to: s) }
     }
 
     /// Waits until every channel has written everything queued.
@@ -103,21 +104,25 @@ final class MultifdSenders: @unchecked Sendable {
         }
     }
 
-    private func hand(_ job: Job) throws {
-        let s: Sender = try lock.withLock {
-            try lock.wait { () throws -> Sender? in
+    /// Gives `job` to `target`, or (nil) to the first idle channel round robin from the last
+    /// one used, waiting until it is idle.
+    private func hand(_ job: Job, to target: Sender? = nil) throws {
+        try lock.withLock {
+            let s = try lock.wait { () throws -> Sender? in
                 if let failure { throw failure }
                 if stopping { throw MigrationError(.cancelled, "the multifd channels were stopped") }
-                // Round robin from the last one used, the first idle channel.
+                if let target { return target.job == nil ? target : nil }
                 for k in 0..<senders.count {
                     let s = senders[(nextSender + k) % senders.count]
-                    if s.job == nil { nextSender = (s.id + 1) % senders.count; return s }
+                    if s.job == nil { return s }
                 }
                 return nil
             }!
+            nextSender = (s.id + 1) % senders.count
+            s.job = job
+            lock.broadcast()
         }
         packetNumber += 1
-        lock.withLock { s.job = job; lock.broadcast() }
     }
 
     private func run(_ s: Sender, _ zstd: ZstdCompressor?) {
@@ -166,7 +171,7 @@ final class MultifdSenders: @unchecked Sendable {
     }
 
     /// Closes every channel once all is written (the destination reads EOF after the last
-    /// SYNC, with TLS after its close_notify). For postcopy, whose pages never go here.
+    /// SYNC, with TLS after its close_notify).
     func finish() throws {
         try drain()
         close()
@@ -178,7 +183,8 @@ final class MultifdSenders: @unchecked Sendable {
         for s in senders { s.channel.abort() }
     }
 
-    /// Stops the threads (after their current packet), joins them and closes the channels.
+    /// Stops the threads (after their current packet; a packet queued and not yet started is
+    /// dropped: `finish` sends everything), joins them and closes the channels.
     func close() {
         stop()
         for s in senders {

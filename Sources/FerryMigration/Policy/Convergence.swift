@@ -11,8 +11,10 @@
 /// given, from the second pass on: XBZRLE deltas, zero pages), at most a page: with XBZRLE a
 /// one-word change costs a few bytes, and the rest would never "fit" at a page each.
 ///
-/// The bandwidth estimate needs at least 256 KiB in a pass (a near-empty pass says
-/// nothing about the link); with `max-bandwidth` set it never exceeds it. A clock that goes
+/// The bandwidth estimate needs at least 256 KiB in a pass, on the wire or, compressed
+/// (multifd zstd, XBZRLE), in the pages the pass sent: a near-empty pass says nothing about
+/// the link, but a pass of well-compressed pages is all the link will ever see. With
+/// `max-bandwidth` set the estimate never exceeds it. A clock that goes
 /// backwards counts as no time passed.
 struct ConvergencePolicy: Sendable, Equatable {
     enum Verdict: Sendable, Equatable { case anotherPass, stopAndCopy, switchToPostcopy }
@@ -53,7 +55,8 @@ struct ConvergencePolicy: Sendable, Equatable {
                             pagesSent: UInt64? = nil) -> (Verdict, PassReport) {
         let elapsed = now > lastSync ? Double(now - lastSync) / 1e9 : 0
         let bytes = sent > sentAtSync ? sent - sentAtSync : 0
-        if bytes >= Self.minBytesForEstimate && elapsed > 0 { bandwidth = Double(bytes) / elapsed }
+        let pageBytes = (pagesSent ?? 0) * UInt64(pageSize)
+        if max(bytes, pageBytes) >= Self.minBytesForEstimate && bytes > 0 && elapsed > 0 { bandwidth = Double(bytes) / elapsed }
         if maxBandwidth > 0 { bandwidth = bandwidth > 0 ? min(bandwidth, Double(maxBandwidth)) : Double(maxBandwidth) }
         passes += 1
         var costPerPage = Double(pageSize)

@@ -132,7 +132,7 @@ extension OutgoingMigration {
             Glibc.shutdown(ch.fd, Int32(SHUT_WR))
         }
         try ch.finishOutput() // exec: the command consumed everything; file: on disk
-        multifd?.close()
+        try multifd?.finish()
         let end = Sys.monotonicNanos()
         timeline.mark("destination", now: end)
         try? machine.vm.setDirtyLogging(machine.ram, false) // the migration is done; a stale log costs nothing
