@@ -319,9 +319,11 @@ public struct PrecopyScenario: Sendable {
     public var touched: Int?
     /// ... holding this.
     public var contents: TestGuestContents = .zero
-    /// Capabilities and parameters set on both ends (QEMU's names), e.g. xbzrle.
+    /// Capabilities and parameters set on both ends (QEMU's names), e.g. xbzrle, multifd.
     public var capabilities: [String] = []
     public var parameters: [String: UInt64] = [:]
+    /// String-valued ones, e.g. `multifd-compression`.
+    public var textParameters: [String: String] = [:]
     public init(name: String, memory: Int, guestImage: String? = nil) { self.name = name; self.memory = memory; self.guestImage = guestImage }
     public var guest: TestGuestLayout { TestGuestLayout(memory: memory, vcpus: vcpus, touched: touched, contents: contents) }
 }
@@ -352,16 +354,22 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
         try src.enableTLS(credentials: tls, server: false)
         try dst.enableTLS(credentials: tls, server: true)
     }
+    // Capabilities on both ends, and on the destination before migrate-incoming (QEMU sizes
+    // its listen backlog for multifd then). Parameters too on both: multifd's channel count
+    // and compression must match (the source's limits mean nothing on the destination).
+    if !scenario.capabilities.isEmpty {
+        for p in [src, dst] { try p.qmp.execute("migrate-set-capabilities", ["capabilities": scenario.capabilities.map { ["capability": $0, "state": true] }]) }
+    }
+    var common: [String: Any] = scenario.parameters
+    for (k, v) in scenario.textParameters { common[k] = v }
+    if !common.isEmpty { try dst.qmp.execute("migrate-set-parameters", common) }
     try dst.qmp.execute("migrate-incoming", ["uri": incoming])
     var target = incoming
     if let q = try dst.qmp.execute("query-migrate") as? [String: Any],
        let addr = (q["socket-address"] as? [[String: Any]])?.first, addr["type"] as? String == "inet" {
         target = "tcp:\(addr["host"]!):\(addr["port"]!)"
     }
-    if !scenario.capabilities.isEmpty {
-        for p in [src, dst] { try p.qmp.execute("migrate-set-capabilities", ["capabilities": scenario.capabilities.map { ["capability": $0, "state": true] }]) }
-    }
-    var parameters: [String: Any] = scenario.parameters
+    var parameters = common
     parameters["max-bandwidth"] = scenario.maxBandwidth
     parameters["downtime-limit"] = scenario.downtimeLimit
     try src.qmp.execute("migrate-set-parameters", parameters)

@@ -294,6 +294,15 @@ extension FerryBench {
         precopy.append(p)
         p = PrecopyScenario(name: "precopy-dirtying-random-512MiB-unlimited", memory: 512 << 20); p.contents = .random(seed: TestGuestContents.defaultSeed)
         precopy.append(p)
+        // multifd, QEMU's default 2 channels: without compression on random pages, and with
+        // zstd (level 1 on both) on both contents.
+        for (contents, compression) in [(TestGuestContents.random(seed: TestGuestContents.defaultSeed), "none"), (.random(seed: TestGuestContents.defaultSeed), "zstd"), (.zero, "zstd")] {
+            let tag = contents == .zero ? "" : "-random"
+            p = PrecopyScenario(name: "precopy-dirtying\(tag)-512MiB-unlimited-multifd-\(compression)", memory: 512 << 20)
+            p.contents = contents; p.timeoutSeconds = 60
+            p.capabilities = ["multifd"]; p.parameters = ["multifd-channels": 2]; p.textParameters = ["multifd-compression": compression]
+            precopy.append(p)
+        }
         // Cost grows with touched memory: the guest walks 1 GiB of a 1 GiB and of a 64 GiB RAM.
         for memory in [1 << 30, 64 << 30] {
             p = PrecopyScenario(name: "precopy-touching-1GiB-of-\(memory >> 30)GiB-unlimited", memory: memory)

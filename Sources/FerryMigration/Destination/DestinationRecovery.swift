@@ -12,6 +12,8 @@ extension IncomingMigration {
         var decoder = first
         var ch = firstChannel
         guard let uffd = lock.withLock({ faultService?.uffd }) else { return } // RUN comes after LISTEN (the table)
+        // The multifd channels carried precopy only, flushed before the discards: done.
+        multifd?.close()
         let installer = pageInstaller(uffd)
         while true {
             do {

@@ -11,7 +11,7 @@ import Glibc
 /// `RAM_SAVE_FLAG_MULTIFD_FLUSH` and every other channel has reached its SYNC too
 /// (`flush`): the barrier that keeps a page's older copy from landing after its newer one.
 ///
-/// Ownership: `lock` guards `reached`, `ended`, `released`, `closing` and `failure`; each
+/// Ownership: `lock` guards `reached`, `ended`, `released`, `closing` and `firstFailure`; each
 /// receiver's decompressor, header buffer and populated-pages cache belong to its thread;
 /// the rest is immutable.
 final class MultifdReceivers: @unchecked Sendable {
@@ -32,7 +32,9 @@ final class MultifdReceivers: @unchecked Sendable {
     /// Flushes the main thread has completed.
     private var released: UInt64 = 0
     private var closing = false
-    private(set) var failure: MigrationError?
+    private var firstFailure: MigrationError?
+    /// The first channel's failure, if one failed.
+    var failure: MigrationError? { lock.withLock { firstFailure } }
     /// Called once, on a receiver thread, when a channel fails (the migration decides).
     private let failed: @Sendable (MigrationError) -> Void
 
@@ -61,7 +63,7 @@ final class MultifdReceivers: @unchecked Sendable {
         try lock.withLock {
             let generation = released + 1
             _ = try lock.wait { () throws -> Bool? in
-                if let failure { throw failure }
+                if let firstFailure { throw firstFailure }
                 for k in channels.indices where reached[k] < generation {
                     if ended[k] { throw MigrationError(.protocolError, "multifd channel \(k) ended before its SYNC packet") }
                     return nil
@@ -121,11 +123,11 @@ final class MultifdReceivers: @unchecked Sendable {
             let e = error as? MigrationError ?? MigrationError(.protocolError, "\(error)")
             let report: Bool = lock.withLock {
                 defer { lock.broadcast() }
-                if closing || failure != nil { return false }
-                failure = MigrationError(e.code, "multifd channel \(id): \(e.message)", cause: e.cause)
+                if closing || firstFailure != nil { return false }
+                firstFailure = MigrationError(e.code, "multifd channel \(id): \(e.message)", cause: e.cause)
                 return true
             }
-            if report, let f = lock.withLock({ failure }) { failed(f) }
+            if report, let f = failure { failed(f) }
         }
     }
 
