@@ -330,6 +330,17 @@ public struct PrecopyScenario: Sendable {
 
 public func qmpNumber(_ v: Any?) -> UInt64 { (v as? NSNumber)?.uint64Value ?? 0 }
 
+/// QEMU 7.2 sometimes says `completed` a moment before it has set `total-time` and
+/// `downtime` (both 0 then): asks again, for up to a second, until they are there.
+func settledCompletion(_ p: FerryProcess, _ info: [String: Any]) throws -> [String: Any] {
+    var info = info
+    for _ in 0..<50 where info["status"] as? String == "completed" && qmpNumber(info["total-time"]) == 0 {
+        usleep(20_000)
+        info = try p.qmp.execute("query-migrate") as? [String: Any] ?? info
+    }
+    return info
+}
+
 /// Starts source and destination processes, migrates with `scenario`'s settings, checks the
 /// destination's memory (for the test guest) and returns the numbers. `progress` is called
 /// with every `query-migrate` result while it runs.
@@ -393,7 +404,7 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
         if let t = info["cpu-throttle-percentage"] { maxThrottle = max(maxThrottle ?? 0, qmpNumber(t)) }
         if serialAtStop == nil, let st = info["status"] as? String, st != "active" && st != "setup" { serialAtStop = src.serialBytes }
         let status = info["status"] as? String ?? ""
-        if ["completed", "failed", "cancelled"].contains(status) { break }
+        if ["completed", "failed", "cancelled"].contains(status) { info = try settledCompletion(src, info); break }
         if !cancelled && Double(Sys.monotonicNanos() - start) / 1e9 > scenario.timeoutSeconds {
             try src.qmp.execute("migrate_cancel")
             cancelled = true

@@ -182,7 +182,7 @@ public func runPostcopy(_ sc: PostcopyScenario, directory: String, executable: S
             timeline.append(TimelineSample(t: tNow, bytes: qmpNumber(r?["transferred"]), status: status,
                                            dirtyBytesPerSecond: r?["dirty-pages-rate"].map { qmpNumber($0) * 4096 }))
         }
-        if ["completed", "failed", "cancelled"].contains(status) { break }
+        if ["completed", "failed", "cancelled"].contains(status) { info = try settledCompletion(src, info); break }
         let now = Sys.monotonicNanos()
         if Double(now - start) / 1e9 > sc.timeoutSeconds { throw HarnessError("\(sc.name): still \(status) after \(Int(sc.timeoutSeconds)) s") }
         if !started, let after = sc.postcopyAfterMs, ms(now) >= Double(after), status == "active" {
