@@ -7,7 +7,7 @@ import Glibc
 /// in the middle of postcopy, on loopback (through a `FaultProxy` when a failure needs one)
 /// or across two network namespaces.
 public struct PostcopyScenario: Sendable {
-    public enum Failure: String, Codable, Sendable { case reset, blackhole, linkDown = "link-down" }
+    public enum Failure: String, Codable, Sendable, CaseIterable { case reset, blackhole, linkDown = "link-down" }
     public var engine: Engine = .ferry
     public var name: String
     public var memory: Int

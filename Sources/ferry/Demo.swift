@@ -20,14 +20,16 @@ struct Demo: ParsableCommand {
     @Option(help: "Bandwidth limit in bytes/s (0 = unlimited).")
     var maxBandwidth: UInt64 = 0
 
+    enum DemoTransport: String, ExpressibleByArgument, CaseIterable { case tcp, unix }
+
     @Option(help: "Transport: tcp or unix.")
-    var transport: String = "tcp"
+    var transport: DemoTransport = .tcp
 
     @Flag(help: "Postcopy: a second of precopy, then the guest runs on the destination and pulls its pages.")
     var postcopy = false
 
     @Option(help: "Cut the link in the middle of postcopy and recover: reset, blackhole (silent loss) or link-down (two network namespaces, needs root).")
-    var failure: String?
+    var failure: PostcopyScenario.Failure?
 
     @Flag(help: "With --failure: recover by hand (migrate-recover + migrate resume=true) instead of auto-recover.")
     var manual = false
@@ -41,18 +43,18 @@ struct Demo: ParsableCommand {
         let dir = "/tmp/ferry-demo-\(getpid())"
         guard (1...16).contains(smp) else { fail("--smp \(smp): 1 to 16 vCPUs") }
         print("Ferry demo: a \(memory.bytes >> 20) MiB, \(smp)-vCPU guest that increments a byte in every page, moved between two")
-        print("ferry processes over \(transport) while it runs. QMP sockets and serial logs: \(dir)")
+        print("ferry processes over \(transport.rawValue) while it runs. QMP sockets and serial logs: \(dir)")
         var scenario = PrecopyScenario(name: "demo", memory: memory.bytes)
         scenario.vcpus = smp
         scenario.maxBandwidth = maxBandwidth
-        scenario.transport = transport
+        scenario.transport = transport.rawValue
         scenario.timeoutSeconds = 600
         scenario.tlsDirectory = tls
         let tty = isatty(1) != 0
         let run: MigrationRun
         do {
             run = try runPrecopy(scenario, directory: dir) { info in
-                let line = progressLine(info)
+                let line = MigrationProgress(info).line
                 if tty { print("\r\u{1b}[K" + line, terminator: ""); fflush(nil) }
             }
         } catch {
@@ -79,20 +81,6 @@ func clockLine(_ gapUs: Double?, downtimeMs: UInt64?) -> String {
     return String(format: "continuous: moved %.0f µs across the switch-over (wall-clock downtime %@)", g, downtimeMs.map { "\($0) ms" } ?? "-")
 }
 
-func progressLine(_ info: [String: Any]) -> String {
-    let ram = info["ram"] as? [String: Any] ?? [:]
-    var line = info["status"] as? String ?? "none"
-    if !ram.isEmpty {
-        line += String(format: "  pass %llu  sent %.1f MiB  %.0f Mbit/s  remaining %.1f MiB  dirty %llu pages/s",
-                       qmpNumber(ram["dirty-sync-count"]), Double(qmpNumber(ram["transferred"])) / 1048576,
-                       (ram["mbps"] as? NSNumber)?.doubleValue ?? 0, Double(qmpNumber(ram["remaining"])) / 1048576,
-                       qmpNumber(ram["dirty-pages-rate"]))
-        if let e = info["expected-downtime"] { line += "  expected downtime \(qmpNumber(e)) ms" }
-        if qmpNumber(ram["postcopy-requests"]) > 0 { line += "  page requests \(qmpNumber(ram["postcopy-requests"]))" }
-    }
-    return line
-}
-
 extension Demo {
     func runPostcopyDemo() throws {
         let dir = "/tmp/ferry-demo-\(getpid())"
@@ -104,7 +92,7 @@ extension Demo {
         sc.timeoutSeconds = 600
         sc.tlsDirectory = tls
         if let f = failure {
-            guard let kind = PostcopyScenario.Failure(rawValue: f) else { fail("--failure must be reset, blackhole or link-down") }
+            let kind = f
             sc.failure = kind
             sc.netns = kind == .linkDown
             sc.failureAfterMs = 800
@@ -123,7 +111,7 @@ extension Demo {
                 let status = info["status"] as? String ?? ""
                 if let note { if tty { print("\r\u{1b}[K", terminator: "") }; print("\(t)  >> \(note)") }
                 if status != lastStatus { if tty { print("\r\u{1b}[K", terminator: "") }; print("\(t)  source: \(status)"); lastStatus = status }
-                if tty { print("\r\u{1b}[K\(t)  " + progressLine(info), terminator: ""); fflush(nil) }
+                if tty { print("\r\u{1b}[K\(t)  " + MigrationProgress(info).line, terminator: ""); fflush(nil) }
             }
         } catch {
             fail("\(error)")
@@ -151,3 +139,5 @@ extension Demo {
         print("demo OK")
     }
 }
+
+extension PostcopyScenario.Failure: ExpressibleByArgument {}

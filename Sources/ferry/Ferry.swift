@@ -46,7 +46,9 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
         return overflow ? nil : product
     }
 
-    var description: String { bytes % (1 << 20) == 0 ? "\(bytes >> 20)M" : "\(bytes)" }
+    var description: String { bytes % (1 << 30) == 0 ? "\(bytes >> 30)G" : bytes % (1 << 20) == 0 ? "\(bytes >> 20)M" : "\(bytes)" }
+    /// What --help shows as the default: "256M", not the struct.
+    var defaultValueDescription: String { description }
     static var helpText: String { "bytes, 0x hex, or with a K/M/G/T suffix" }
 }
 
@@ -74,7 +76,7 @@ extension SerialSink: ExpressibleByArgument {
 /// Blocks SIGINT/SIGTERM in every thread (call before starting any) and returns a waiter.
 /// SIGPIPE is ignored too: a QMP client, a pipe on --serial stdio or a peer that goes away
 /// is an EPIPE error where it matters, never the end of the VM.
-func blockTerminationSignals() -> () -> Int32 {
+func blockTerminationSignals() -> @Sendable () -> Int32 {
     Sys.ignoreSIGPIPE()
     var set = sigset_t()
     sigemptyset(&set)
@@ -85,10 +87,27 @@ func blockTerminationSignals() -> () -> Int32 {
     // even while blocked, so sigwait would never see it.
     signal(SIGINT, SIG_DFL)
     signal(SIGTERM, SIG_DFL)
+    let blocked = set
     return {
+        var waitSet = blocked
         var sig: Int32 = 0
-        sigwait(&set, &sig)
+        sigwait(&waitSet, &sig)
         return sig
+    }
+}
+
+/// `--migrate-capability` / `--migrate-parameter` on this process's own VM, through the QMP
+/// commands (their checks and messages).
+func applyMigrationSettings(_ settings: MigrationSettingOptions, to host: VMHost) throws {
+    do {
+        let caps = try settings.capabilities()
+        if !caps.isEmpty {
+            _ = try LocalQMP.execute("migrate-set-capabilities", ["capabilities": caps.map { ["capability": $0.rawValue, "state": true] }], host: host)
+        }
+        let params = try settings.parameters()
+        if !params.isEmpty { _ = try LocalQMP.execute("migrate-set-parameters", params, host: host) }
+    } catch let e as QMPError {
+        fail("migration settings: \(e.desc)")
     }
 }
 
@@ -146,6 +165,9 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("object"), help: "Create an object as QMP object-add would, e.g. tls-creds-x509,id=tls0,dir=PATH,endpoint=server (repeatable).")
     var objects: [String] = []
 
+    @OptionGroup(title: "Migration settings (applied before --incoming starts listening)")
+    var migration: MigrationSettingOptions
+
     func run() throws {
         let waitForSignal = blockTerminationSignals()
         let quit = QuitRequest()
@@ -156,6 +178,7 @@ struct Run: ParsableCommand {
             if case .stdout = serial { try forwardStdin(to: machine.serial) }
             host = VMHost(machine: machine, incoming: incoming != nil)
             for o in objects { try host.addObject(try QOMObjects.create(try QOMObjects.parseCommandLine(o))) }
+            try applyMigrationSettings(migration, to: host)
             if let qmp {
                 server = try QMPServer(path: qmp, host: host)
                 server?.onQuit = { quit.request() }

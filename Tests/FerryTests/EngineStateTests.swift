@@ -155,6 +155,25 @@ struct EngineStateTests {
                             autoSwitchPasses: 0, pagesSent: 10).1.bandwidth == 0)
     }
 
+    @Test("rate window: bytes/s over the last second, updated at every read; too short a span says nothing; backwards restarts")
+    func rateWindow() {
+        var w = RateWindow()
+        #expect(w.rate(now: 0, bytes: 0) == nil)
+        #expect(w.rate(now: 100 * ms, bytes: 1_000_000) == nil) // 100 ms: too short
+        #expect(w.rate(now: 500 * ms, bytes: 5_000_000) == 10_000_000)
+        #expect(w.rate(now: 1000 * ms, bytes: 10_000_000) == 10_000_000)
+        // The link slows: after a second only the slow part counts.
+        _ = w.rate(now: 1500 * ms, bytes: 10_500_000)
+        _ = w.rate(now: 2000 * ms, bytes: 11_000_000)
+        #expect(w.rate(now: 2500 * ms, bytes: 11_500_000) == 1_000_000)
+        // Reads closer than 50 ms are folded together (a client in a loop keeps memory flat).
+        for k in 0..<1000 { _ = w.rate(now: 2500 * ms + UInt64(k) * 10_000, bytes: 11_500_000) }
+        #expect(w.rate(now: 3000 * ms, bytes: 12_000_000) == 1_000_000)
+        // A new counter (or clock) that went backwards starts again.
+        #expect(w.rate(now: 3100 * ms, bytes: 10) == nil)
+        #expect(w.rate(now: 3400 * ms, bytes: 300_010) == 1_000_000)
+    }
+
     @Test("convergence: a clock that goes backwards counts as no time (no crash, no rate)")
     func convergenceClockBackwards() {
         var c = ConvergencePolicy(now: 10 * s, sent: 0, ramBytes: 64 << 20)

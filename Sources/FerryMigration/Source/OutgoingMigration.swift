@@ -14,7 +14,7 @@ import Glibc
 /// page requests (`ReturnPathReader.swift`).
 ///
 /// Ownership of the mutable fields:
-/// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`,
+/// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`, `wireRate`,
 ///   `requests`, `asked`, `recoveryURI`, `multifd` (set by `mig/src/main`, which reads it
 ///   without the lock);
 /// - `mig/src/main` only: `cursor`, `header`, `limiter`, `pings`, `switchover`, `rpThread`
@@ -85,6 +85,8 @@ final class OutgoingMigration: @unchecked Sendable {
     var autoConverge: AutoConvergePolicy?
     /// When the dirty log was last collected.
     var lastSyncNanos: UInt64 = 0
+    /// `mbps` between bitmap syncs, sampled as the stats are read.
+    private var wireRate = RateWindow()
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
         self.host = host
@@ -127,9 +129,20 @@ final class OutgoingMigration: @unchecked Sendable {
         lock.withLock {
             var s = _stats
             s.status = phase.status
-            if phase.isRunning { s.transferred = bytesSentLocked }
+            if phase.isRunning {
+                s.transferred = bytesSentLocked
+                // As QEMU's counters, live: what went before the postcopy package is precopy's.
+                if bytesAtPostcopyStart == nil && s.downtimeBytes == 0 { s.precopyBytes = s.transferred }
+                if let r = wireRate.rate(now: Sys.monotonicNanos(), bytes: s.transferred) {
+                    s.mbps = r * 8 / 1e6
+                    s.pagesPerSecond = UInt64(r / Double(Wire.pageSize))
+                }
+            }
             s.multifdBytes = multifd?.bytesWritten ?? 0
-            if let start = bytesAtPostcopyStart { s.postcopyBytes = s.transferred - min(start, s.transferred) }
+            if let start = bytesAtPostcopyStart {
+                s.precopyBytes = start
+                s.postcopyBytes = s.transferred - min(start, s.transferred)
+            }
             s.xbzrle?.cacheSize = _parameters.xbzrleCacheSize // as QEMU: the parameter
             return s
         }

@@ -124,7 +124,11 @@ extension OutgoingMigration {
         try ch.write(header)
         try ch.flush()
         timeline.mark("device-state", now: Sys.monotonicNanos())
-        updateStats { $0.downtimeBytes = self.precopyBytesOut(ch) - before; $0.remaining = 0 }
+        updateStats {
+            $0.downtimeBytes = self.precopyBytesOut(ch) - before
+            $0.precopyBytes = self.bytesSentLocked - $0.downtimeBytes
+            $0.remaining = 0
+        }
         if returnPath {
             let shut = try waitForShut(seconds: 60)
             guard shut == 0 else { throw MigrationError(.peerFailed, "the destination failed to load the migration (SHUT \(shut))") }
