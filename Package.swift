@@ -25,6 +25,8 @@ let package = Package(
     dependencies: [
         // The CLI's subcommands and options (`ferry run`, `ferry migrate`, ...).
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // The engine's log (state changes, pauses, recoveries, refusals); the CLI picks the output.
+        .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
     ],
     targets: [
         .target(name: "CFerry"),
@@ -36,12 +38,19 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(name: "FerryTLS", dependencies: ["COpenSSL", "FerrySys"]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
-        .target(name: "FerryMigration", dependencies: ["CZstd", "FerryTLS", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry"]),
-        .target(name: "FerryQMP", dependencies: ["FerryMigration", "FerryWire", "FerryTLS", "FerryMachine", "FerrySys", "CFerry"]),
+        .target(name: "FerryMigration", dependencies: [
+            "CZstd", "FerryTLS", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "FerryQMP", dependencies: [
+            "FerryMigration", "FerryWire", "FerryTLS", "FerryMachine", "FerrySys", "CFerry",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys", "CFerry"]),
         .executableTarget(name: "ferry", dependencies: [
             "FerryHarness", "FerryQMP", "FerryMigration", "FerryMachine", "FerryMemory", "FerrySys",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ferry-bench", dependencies: [
             "FerryHarness", "FerryQMP", "FerryMachine", "FerrySys",

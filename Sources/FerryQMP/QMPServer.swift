@@ -3,6 +3,7 @@ import FerryMachine
 import FerryMigration
 import FerrySys
 import Glibc
+import Logging
 import Synchronization
 
 /// QEMU Machine Protocol server on a Unix socket (mode 0600). Each client has a reader
@@ -249,10 +250,11 @@ public final class QMPServer: @unchecked Sendable {
             var r: [String: Any] = ["return": value]
             if let id { r["id"] = id }
             return r
-        } catch let e as QMPError {
-            return error(e, id: id)
         } catch {
-            return self.error(QMPError("\(error)"), id: id)
+            let e = error as? QMPError ?? QMPError("\(error)")
+            // Refused commands are the operator's business: say which and why (queries never fail).
+            MigrationLog.logger.notice("QMP \(name) refused: \(e.desc)", metadata: ["command": .string(name), "class": .string(e.errorClass)])
+            return self.error(e, id: id)
         }
     }
 }

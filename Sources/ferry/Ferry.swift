@@ -168,7 +168,11 @@ struct Run: ParsableCommand {
     @OptionGroup(title: "Migration settings (applied before --incoming starts listening)")
     var migration: MigrationSettingOptions
 
+    @OptionGroup(title: "Log")
+    var log: LogOptions
+
     func run() throws {
+        try log.bootstrap() // before any thread or Logger
         let waitForSignal = blockTerminationSignals()
         let quit = QuitRequest()
         let host: VMHost

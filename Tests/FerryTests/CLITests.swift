@@ -159,6 +159,37 @@ struct CLITests {
         try src.qmp.execute("migrate_cancel")
     }
 
+    @Test("--log-format json --log-file: one JSON object per line, every status change on both sides, a refused QMP command with its reason")
+    func logs() throws {
+        let slog = "\(dir)/src.log.json", dlog = "\(dir)/dst.log.json"
+        unlink(slog); unlink(dlog)
+        let s2 = try FerryProcess(executable: Paths.ferry, directory: dir, name: "lgs", arguments: ["--memory", "64M", "--log-format", "json", "--log-file", slog])
+        let d2 = try FerryProcess(executable: Paths.ferry, directory: dir, name: "lgd",
+                                  arguments: ["--memory", "64M", "--incoming", "tcp:127.0.0.1:0", "--log-format", "json", "--log-file", dlog, "--log-level", "debug"])
+        defer { s2.terminate(); d2.terminate() }
+        s2.waitForSerial(3, seconds: 30)
+        let q = try d2.qmp.execute("query-migrate") as? [String: Any] ?? [:]
+        let addr = try #require((q["socket-address"] as? [[String: Any]])?.first)
+        #expect(throws: (any Error).self) { try s2.qmp.execute("migrate-start-postcopy") } // not migrating: refused
+        try s2.qmp.execute("migrate-set-parameters", ["max-bandwidth": 0])
+        try s2.qmp.execute("migrate", ["uri": "tcp:127.0.0.1:\(addr["port"]!)"])
+        #expect(waitUntil(seconds: 60) { status(s2) == "completed" && status(d2) == "completed" })
+        func entries(_ path: String) -> [[String: String]] {
+            let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").map { line in
+                (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: String]) ?? ["unparsed": String(line)]
+            }
+        }
+        let se = entries(slog), de = entries(dlog)
+        #expect(!se.isEmpty && se.allSatisfy { $0["unparsed"] == nil && $0["time"] != nil && $0["level"] != nil }, "\(se)")
+        let changes = se.filter { $0["side"] == "source" }.compactMap { e in e["from"].flatMap { f in e["to"].map { "\(f)→\($0)" } } }
+        #expect(changes.contains("none→setup") || changes.contains("setup→active"), "\(changes)")
+        #expect(changes.contains("setup→active") && changes.last?.hasSuffix("→completed") == true, "\(changes)")
+        let dchanges = de.filter { $0["side"] == "destination" }.compactMap { $0["to"] }
+        #expect(dchanges.last == "completed", "\(de)")
+        #expect(se.contains { $0["command"] == "migrate-start-postcopy" && $0["level"] == "notice" && ($0["message"] ?? "").contains("refused") }, "\(se)")
+    }
+
     @Test("bad options are refused with the allowed values and a non-zero exit; --version and help show plain values")
     func badOptions() throws {
         for (args, code, text) in [

@@ -178,7 +178,7 @@ public final class MigrationChannel: ByteSource, @unchecked Sendable {
                 var a = sin.pointee.sin_addr
                 var buf = [CChar](repeating: 0, count: 64)
                 inet_ntop(AF_INET, &a, &buf, 64)
-                return "from \(String(cString: buf)):\(UInt16(bigEndian: sin.pointee.sin_port))"
+                return "from \(String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)):\(UInt16(bigEndian: sin.pointee.sin_port))"
             } }
         }
         return Int32(ss.ss_family) == AF_UNIX ? "a local client" : "peer family \(ss.ss_family)"

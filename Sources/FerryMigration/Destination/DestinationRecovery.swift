@@ -124,6 +124,7 @@ extension IncomingMigration {
             do { ch = try ChannelSetup.accept(on: l, role: .main, heartbeatTimeoutMs: host.parameters.heartbeatTimeout) } catch {
                 // A peer that fails the TLS handshake does not end the pause; say why it was refused.
                 updateStats { $0.errorDescription = "\(error)" }
+                MigrationLog.logger.warning("refused a recovery connection: \(error)", metadata: ["side": "destination"])
                 continue
             }
             returnPath.attach(ch)
@@ -132,6 +133,7 @@ extension IncomingMigration {
                 $0.recoveryAttempts += 1
                 self.channel = ch
             }
+            MigrationLog.logger.info("postcopy recovery: the source reconnected (\(ch.peerDescription))", metadata: ["side": "destination"])
             // The recovery channel carries no header: it starts with RECV_BITMAP.
             return (old.continuing(on: ch), ch)
         }

@@ -89,13 +89,14 @@ final class IncomingMigration: @unchecked Sendable {
     /// goes out after, outside the lock. An illegal event throws a protocol error.
     @discardableResult
     func advance(_ event: DestinationEvent, _ body: (inout MigrationStats) -> Void = { _ in }) throws -> DestinationPhase {
-        let (before, after) = lock.withLock {
+        let (before, after, cause) = lock.withLock {
             let r = DestinationPhase.step(&phase, event)
             if r.after != nil { body(&_stats); lock.broadcast() }
-            return r
+            let stopped = r.after.map { [.failed, .postcopyPaused].contains($0.status) } ?? false
+            return (r.before, r.after, stopped ? _stats.errorDescription : nil)
         }
         guard let after else { throw MigrationError(.protocolError, "migration event \(event) is not valid in phase \(before)") }
-        host.announce(before.status, after.status)
+        host.announce(before.status, after.status, side: "destination", cause: cause)
         return after
     }
 

@@ -29,7 +29,9 @@ extension IncomingMigration {
         }
         func drop(_ i: Int, _ why: String) {
             let c = candidates.remove(at: i)
-            updateStats { $0.errorDescription = "ignored a connection on \(listener.boundURI) (\(c.channel.peerDescription)): \(why)" }
+            let text = "ignored a connection on \(listener.boundURI) (\(c.channel.peerDescription)): \(why)"
+            updateStats { $0.errorDescription = text }
+            MigrationLog.logger.warning("\(text)", metadata: ["side": "destination"])
             c.channel.close()
         }
         while true {

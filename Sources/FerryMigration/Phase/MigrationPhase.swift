@@ -1,3 +1,4 @@
+import Logging
 /// What both sides' phase enums have in common: a transition function and the QMP status
 /// each phase shows.
 protocol MigrationPhase: Sendable, Equatable {
@@ -36,8 +37,13 @@ extension DestinationPhase: MigrationPhase {}
 extension VMHost {
     /// A migration's phase changed from `before` to `after`: a status change is announced
     /// (MIGRATION event, waiters woken). Called outside the migration's lock.
-    func announce(_ before: MigrationStatus, _ after: MigrationStatus) {
+    /// Logged with `side` and, entering a pause or failure, its `cause`.
+    func announce(_ before: MigrationStatus, _ after: MigrationStatus, side: String, cause: String? = nil) {
         guard after != before else { return }
+        var metadata: Logger.Metadata = ["side": .string(side), "from": .string(before.rawValue), "to": .string(after.rawValue)]
+        if let cause { metadata["cause"] = .string(cause) }
+        let level: Logger.Level = after == .failed ? .error : after == .postcopyPaused ? .warning : .info
+        MigrationLog.logger.log(level: level, "migration \(before.rawValue) → \(after.rawValue)\(cause.map { ": \($0)" } ?? "")", metadata: metadata)
         emit(.status(after))
         statusChanged()
     }

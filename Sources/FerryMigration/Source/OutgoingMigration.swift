@@ -108,16 +108,17 @@ final class OutgoingMigration: @unchecked Sendable {
     /// got there first, else a state error.
     @discardableResult
     func advance(_ event: SourceEvent, _ body: (inout MigrationStats) -> Void = { _ in }) throws -> SourcePhase {
-        let (before, after) = lock.withLock {
+        let (before, after, cause) = lock.withLock {
             let r = SourcePhase.step(&phase, event)
             if r.after != nil { body(&_stats); lock.broadcast() }
-            return r
+            let stopped = r.after.map { [.failed, .postcopyPaused].contains($0.status) } ?? false
+            return (r.before, r.after, stopped ? _stats.errorDescription : nil)
         }
         guard let after else {
             if before == .cancelling { throw MigrationError.cancelledByUser }
             throw MigrationError(.state, "migration event \(event) is not valid in phase \(before)")
         }
-        host.announce(before.status, after.status)
+        host.announce(before.status, after.status, side: "source", cause: cause)
         return after
     }
 
@@ -185,7 +186,7 @@ final class OutgoingMigration: @unchecked Sendable {
             return (r, channel)
         }
         guard let after = step.after else { return }
-        host.announce(step.before.status, after.status)
+        host.announce(step.before.status, after.status, side: "source")
         ch?.abort()
     }
 

@@ -23,7 +23,9 @@ extension OutgoingMigration {
         var backoff = RecoveryBackoff(pausedAt: pausedAt, timeoutMs: parameters.autoRecoverTimeout)
         while true {
             let (target, attemptStart) = nextRecoveryTarget(auto: auto, backoff: backoff)
-            updateStats { $0.recoveryAttempts += 1 }
+            let attempt = updateStats { $0.recoveryAttempts += 1; return $0.recoveryAttempts }
+            MigrationLog.logger.info("postcopy recovery attempt \(attempt) to \(target)\(auto ? " (auto-recover)" : "")",
+                                     metadata: ["side": "source", "attempt": "\(attempt)", "uri": "\(target)"])
             try advance(.recoveryAttempt)
             var newChannel: MigrationChannel?
             do {
@@ -43,6 +45,8 @@ extension OutgoingMigration {
                     $0.pausedMs += Sys.nanosSince(pausedAt) / 1_000_000
                     $0.errorDescription = nil
                 }
+                MigrationLog.logger.info("postcopy recovered on attempt \(attempt): resume → active \(Sys.nanosSince(attemptStart) / 1000) µs, \(Sys.nanosSince(pausedAt) / 1_000_000) ms paused",
+                                         metadata: ["side": "source", "attempt": "\(attempt)", "uri": "\(target)"])
                 return ch
             } catch let never as DestinationNeverRan {
                 closeChannels(newChannel)
@@ -51,6 +55,8 @@ extension OutgoingMigration {
                 throw never
             } catch {
                 closeChannels(newChannel)
+                MigrationLog.logger.warning("postcopy recovery attempt \(attempt) failed: \(error)",
+                                            metadata: ["side": "source", "attempt": "\(attempt)", "uri": "\(target)"])
                 try advance(.linkLost) {
                     $0.errorDescription = "recovery failed: \(error)"
                     self.inbox.newChannel()
