@@ -12,7 +12,7 @@ import PackageDescription
 //   FerryTLS       TLS credentials (x509 directory, PSK) and sessions over a socket
 //   CZstd          libzstd's header (libzstd-dev): multifd's zstd compression
 //   FerryMigration state machine, source, destination, channels
-//   FerryQMP       QMP server and client
+//   FerryQMP       QMP server and client; the Prometheus /metrics endpoint
 //   FerryHarness   drives whole ferry processes over QMP (demo, benchmarks)
 //   ferry          the CLI; ferry-bench the benchmarks
 let package = Package(
@@ -27,6 +27,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         // The engine's log (state changes, pauses, recoveries, refusals); the CLI picks the output.
         .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
+        // `ferry run --metrics-listen`: migration metrics for Prometheus.
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
     ],
     targets: [
         .target(name: "CFerry"),
@@ -45,6 +48,8 @@ let package = Package(
         .target(name: "FerryQMP", dependencies: [
             "FerryMigration", "FerryWire", "FerryTLS", "FerryMachine", "FerrySys", "CFerry",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         .target(name: "FerryHarness", dependencies: ["FerryQMP", "FerryMachine", "FerryMemory", "FerrySys", "CFerry"]),
         .executableTarget(name: "ferry", dependencies: [

@@ -171,18 +171,35 @@ struct Run: ParsableCommand {
     @OptionGroup(title: "Log")
     var log: LogOptions
 
+    @Option(help: ArgumentHelp("Serve Prometheus metrics of the migration on http://HOST:PORT/metrics (e.g. 127.0.0.1:9464).", valueName: "HOST:PORT"))
+    var metricsListen: String?
+
+    func validate() throws {
+        if let m = metricsListen {
+            guard let colon = m.lastIndex(of: ":"), UInt16(m[m.index(after: colon)...]) != nil, colon != m.startIndex else {
+                throw ValidationError("--metrics-listen \(m): expected HOST:PORT, e.g. 127.0.0.1:9464")
+            }
+        }
+    }
+
     func run() throws {
         try log.bootstrap() // before any thread or Logger
         let waitForSignal = blockTerminationSignals()
         let quit = QuitRequest()
         let host: VMHost
         var server: QMPServer?
+        var metrics: MetricsServer?
         do {
             let machine = try Machine(memorySize: memory.bytes, vcpus: smp, serial: serial)
             if case .stdout = serial { try forwardStdin(to: machine.serial) }
             host = VMHost(machine: machine, incoming: incoming != nil)
             for o in objects { try host.addObject(try QOMObjects.create(try QOMObjects.parseCommandLine(o))) }
             try applyMigrationSettings(migration, to: host)
+            if let m = metricsListen, let colon = m.lastIndex(of: ":"), let port = UInt16(m[m.index(after: colon)...]) {
+                let exporter = try MetricsServer(host: host, address: String(m[..<colon]), port: port)
+                try exporter.start()
+                metrics = exporter
+            }
             if let qmp {
                 server = try QMPServer(path: qmp, host: host)
                 server?.onQuit = { quit.request() }
@@ -227,6 +244,7 @@ struct Run: ParsableCommand {
             break
         }
         server?.close()
+        metrics?.close()
         host.prepareForExit()
         host.machine.stop()
         if host.machine.unhandledIOCount > 0 {
