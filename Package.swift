@@ -27,6 +27,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         // The engine's log (state changes, pauses, recoveries, refusals); the CLI picks the output.
         .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
+        // Postcopy fault latencies: percentiles without keeping every sample.
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
         // `ferry run --metrics-listen`: migration metrics for Prometheus.
         .package(url: "https://github.com/apple/swift-metrics", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
@@ -44,6 +46,7 @@ let package = Package(
         .target(name: "FerryMigration", dependencies: [
             "CZstd", "FerryTLS", "FerryWire", "FerryMachine", "FerryKVM", "FerryMemory", "FerrySys", "CFerry",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Histogram", package: "hdrhistogram-swift"),
         ]),
         .target(name: "FerryQMP", dependencies: [
             "FerryMigration", "FerryWire", "FerryTLS", "FerryMachine", "FerrySys", "CFerry",

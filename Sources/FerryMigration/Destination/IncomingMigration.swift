@@ -120,9 +120,6 @@ final class IncomingMigration: @unchecked Sendable {
         return out
     }
 
-    /// The fault report with every latency sample (benchmarks).
-    public func faultReport() -> PostcopyFaultReport { faults.report(samples: true) }
-
     // MARK: main thread
 
     func start() {

@@ -1,3 +1,4 @@
+import Histogram
 import FerrySys
 
 /// What the destination measured about remote page faults (QEMU's blocktime fields plus the
@@ -21,8 +22,6 @@ public struct PostcopyFaultReport: Sendable {
     public var maxUs: Double = 0
     /// QEMU's postcopy-latency-dist: counter N = faults resolved in [2^N, 2^(N+1)) µs.
     public var distribution: [UInt64] = Array(repeating: 0, count: 24)
-    /// Every latency in µs, for histograms (bench); empty in QMP answers.
-    public var samplesUs: [Double] = []
 }
 
 /// Destination-side accounting: the fault thread records when a missing page was first
@@ -46,13 +45,15 @@ final class PostcopyFaultTracker: @unchecked Sendable {
     /// Since when every vCPU waits (QEMU's postcopy-blocktime counts those stretches).
     private var allBlockedSince: UInt64?
     private var allBlockedNs: UInt64 = 0
-    private var latenciesNs: [UInt64] = []
+    /// Fault → installed, ns: an HdrHistogram (3 significant digits, up to 10 minutes), so a
+    /// query-migrate costs the same after a million faults as after ten.
+    private var latencies = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
     private var vcpuFaults = 0
     private var requestsSent = 0
     private var pagesRequested = Set<Int>()
     private var distribution = Array(repeating: UInt64(0), count: 24)
 
-    init() { latenciesNs.reserveCapacity(1 << 16) }
+    init() { latencies.autoResize = true }
 
     /// The machine's vCPU count (before the guest runs).
     func setVCPUCount(_ n: Int) {
@@ -82,7 +83,7 @@ final class PostcopyFaultTracker: @unchecked Sendable {
             guard let start = pending.removeValue(forKey: page) else { return }
             let now = Sys.monotonicNanos()
             let ns = now > start ? now - start : 0
-            latenciesNs.append(ns)
+            _ = latencies.record(ns)
             let us = ns / 1000
             let bucket = us == 0 ? 0 : min(23, 63 - us.leadingZeroBitCount)
             distribution[bucket] += 1
@@ -102,29 +103,26 @@ final class PostcopyFaultTracker: @unchecked Sendable {
     /// The vCPUs waiting on a missing page right now.
     var waitingVCPUs: Set<Int> { lock.withLock { Set(waiting.keys) } }
 
-    func report(samples: Bool = false) -> PostcopyFaultReport {
+    func report() -> PostcopyFaultReport {
         let (lat, vf, perVCPU, all, dist, sent, distinct) = lock.withLock {
             let now = Sys.monotonicNanos()
             var per = blockedNs
             for (v, w) in waiting { per[v] += now > w.start ? now - w.start : 0 }
             let all = allBlockedNs + (allBlockedSince.map { now > $0 ? now - $0 : 0 } ?? 0)
-            return (latenciesNs, vcpuFaults, per, all, distribution, requestsSent, pagesRequested.count)
+            return (latencies, vcpuFaults, per, all, distribution, requestsSent, pagesRequested.count)
         }
         var r = PostcopyFaultReport()
-        r.faults = lat.count
+        r.faults = Int(lat.totalCount)
         r.vcpuFaults = vf
         r.blocktimeMs = all / 1_000_000
         r.vcpuBlocktimeMs = perVCPU.map { $0 / 1_000_000 }
         r.distribution = dist
         r.requestsRepeated = sent - distinct
-        guard !lat.isEmpty else { return r }
-        let sorted = lat.sorted()
-        r.latencyNs = lat.reduce(0, +) / UInt64(lat.count)
-        func pct(_ q: Double) -> Double { Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * q))]) / 1000 }
-        r.p50Us = pct(0.5)
-        r.p99Us = pct(0.99)
-        r.maxUs = Double(sorted.last!) / 1000
-        if samples { r.samplesUs = lat.map { Double($0) / 1000 } }
+        guard lat.totalCount > 0 else { return r }
+        r.latencyNs = UInt64(lat.mean)
+        r.p50Us = Double(lat.valueAtPercentile(50)) / 1000
+        r.p99Us = Double(lat.valueAtPercentile(99)) / 1000
+        r.maxUs = Double(lat.max) / 1000
         return r
     }
 }
