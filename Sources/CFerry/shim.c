@@ -248,6 +248,10 @@ int ferry_set_thread_name(const char *name) {
 }
 
 #include <sys/eventfd.h>
+int ferry_pipe_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC) == 0 ? 0 : -errno;
+}
+
 int ferry_eventfd(unsigned int initial) {
     int r = eventfd(initial, EFD_CLOEXEC);
     return r < 0 ? -errno : r;

@@ -64,17 +64,33 @@ public final class VethLink: @unchecked Sendable {
 }
 
 /// Runs a program to its end; returns its exit status and its stdout and stderr together.
+/// Not Foundation's `Process`: its waitUntilExit hung forever in the ThreadSanitizer run
+/// with the child already a zombie (tests spawn processes on several threads at once). A
+/// close-on-exec pipe (no other child inherits its write end, so EOF comes when this one
+/// exits), posix_spawn and waitpid.
 public func runProcess(_ exe: String, _ args: [String]) throws -> (status: Int32, output: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: exe)
-    p.arguments = args
-    let out = Pipe()
-    p.standardOutput = out
-    p.standardError = out
-    try p.run()
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    var fds: [Int32] = [0, 0]
+    let made = fds.withUnsafeMutableBufferPointer { ferry_pipe_cloexec($0.baseAddress) }
+    guard made == 0 else { throw SysError(errno: -made, call: "pipe2") }
+    let pid: pid_t
+    do { pid = try Sys.spawn(exe, args, fdMap: [(fds[1], 1), (fds[1], 2)]) } catch {
+        close(fds[0]); close(fds[1])
+        throw error
+    }
+    close(fds[1])
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 1 << 14)
+    while true {
+        let n = buf.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        out += buf[0..<n]
+    }
+    close(fds[0])
+    var st: Int32 = 0
+    while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+    let status = st & 0x7f == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
+    return (status, String(decoding: out, as: UTF8.self))
 }
 
 public struct HarnessError: Error, CustomStringConvertible {
@@ -87,11 +103,9 @@ public struct HarnessError: Error, CustomStringConvertible {
 public func measureRoundTrip(host: String, port: Int = 7790, namespace: String?, samples: Int = 200) throws -> Double {
     var server: [String] = []
     if let ns = namespace.map({ $0 == "ferry-src" ? "ferry-dst" : $0 }) { server = ["netns", "exec", ns] }
-    let echo = Process()
-    echo.executableURL = URL(fileURLWithPath: server.isEmpty ? "/usr/bin/socat" : "/usr/sbin/ip")
-    echo.arguments = server + (server.isEmpty ? [] : ["socat"]) + ["TCP-LISTEN:7790,reuseaddr", "PIPE"]
-    try echo.run()
-    defer { echo.terminate(); echo.waitUntilExit() }
+    let echo = try Sys.spawn(server.isEmpty ? "/usr/bin/socat" : "/usr/sbin/ip",
+                             server + (server.isEmpty ? [] : ["socat"]) + ["TCP-LISTEN:7790,reuseaddr", "PIPE"])
+    defer { kill(echo, SIGTERM); var st: Int32 = 0; waitpid(echo, &st, 0) }
     usleep(300_000)
     let result = Monitor()
     nonisolated(unsafe) var median: Double = -1

@@ -114,6 +114,9 @@ size_t ferry_kvm_run_mmio_data_offset(void);
 /// Moves the calling thread into the network namespace open at `fd` (setns CLONE_NEWNET).
 int ferry_setns_net(int fd);
 int ferry_eventfd(unsigned int initial);
+/* pipe2(fds, O_CLOEXEC): both ends close-on-exec from the start (no window for a
+ * concurrent posix_spawn to inherit them). Returns 0 or -errno. */
+int ferry_pipe_cloexec(int fds[2]);
 
 // True when every byte of the 4 KiB page is zero (vectorised by the compiler).
 int ferry_page_is_zero(const void *page);
