@@ -4,6 +4,15 @@
 /// are big-endian. The layout is QEMU 9.0's, which keeps 7.2's and puts the zero-page
 /// count in what 7.2 left unused (a 7.2 packet reads as one without zero pages).
 public enum MultiFD {
+    /// Both headers start with the magic and the version (QEMU's messages; `what` names the
+    /// header in the version's).
+    fileprivate static func checkMagicAndVersion(_ r: inout ByteReader, of what: String) throws {
+        let m = r.be32()
+        guard m == magic else { throw WireError(.badMagic, "multifd: received packet magic \(hex(m)) expected \(hex(magic))") }
+        let v = r.be32()
+        guard v == version else { throw WireError(.badVersion, "multifd: received \(what) version \(v) expected \(version)") }
+    }
+
     public static let magic: UInt32 = 0x1122_3344
     public static let version: UInt32 = 1
     /// Bytes of `MultiFDInit_t`: magic, version, uuid[16], id, unused[7], unused[4] (be64).
@@ -55,10 +64,7 @@ public enum MultiFD {
         public init(decoding bytes: [UInt8]) throws {
             guard bytes.count == MultiFD.initSize else { throw WireError(.truncated, "multifd channel header of \(bytes.count) bytes, want \(MultiFD.initSize)") }
             var r = ByteReader(bytes)
-            let m = r.be32()
-            guard m == MultiFD.magic else { throw WireError(.badMagic, "multifd: received packet magic \(hex(m)) expected \(hex(MultiFD.magic))") }
-            let v = r.be32()
-            guard v == MultiFD.version else { throw WireError(.badVersion, "multifd: received channel version \(v) expected \(MultiFD.version)") }
+            try MultiFD.checkMagicAndVersion(&r, of: "channel")
             uuid = Array(bytes[8..<24])
             id = bytes[24]
         }
@@ -109,10 +115,7 @@ public enum MultiFD {
         public init(decoding bytes: [UInt8], layout: RAMLayout, compression: Compression) throws {
             guard bytes.count == MultiFD.packetHeaderSize else { throw WireError(.truncated, "multifd packet header of \(bytes.count) bytes") }
             var r = ByteReader(bytes)
-            let m = r.be32()
-            guard m == MultiFD.magic else { throw WireError(.badMagic, "multifd: received packet magic \(hex(m)) expected \(hex(MultiFD.magic))") }
-            let v = r.be32()
-            guard v == MultiFD.version else { throw WireError(.badVersion, "multifd: received packet version \(v) expected \(MultiFD.version)") }
+            try MultiFD.checkMagicAndVersion(&r, of: "packet")
             flags = r.be32()
             let method = flags & MultiFD.compressionMask
             guard method == compression.flag else {

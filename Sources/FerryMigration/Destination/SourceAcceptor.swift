@@ -17,7 +17,8 @@ extension IncomingMigration {
     /// TLS handshake or a plain stream) is the source: its errors fail the migration.
     /// A multifd channel that overtook the main one (without TLS the source opens them
     /// right after the main channel's header, and a proxy may reorder the two) is kept in
-    /// `early` for `ChannelSetup.acceptMultifd`.
+    /// `early` for `ChannelSetup.acceptMultifd`, and so is a connection that has sent
+    /// nothing yet when the main channel is found (it may be one, its bytes still coming).
     func acceptSource() throws -> (main: MigrationChannel, early: [MigrationChannel]) {
         guard listener.isSocket else { return (try listener.accept(), []) }
         var early: [MigrationChannel] = []
@@ -60,7 +61,11 @@ extension IncomingMigration {
                     candidates.remove(at: i)
                     try listener.secure(ch) // with TLS: the handshake; its failure fails the migration
                     handedOver = true
-                    return (ch, early)
+                    // Connections that have sent nothing yet may be multifd channels still on
+                    // their way (through a proxy): the multifd accept reads their first bytes.
+                    let pending = candidates.map(\.channel)
+                    candidates.removeAll()
+                    return (ch, early + pending)
                 }
             }
             if fds[0].revents & Int16(POLLIN) != 0 {
