@@ -24,4 +24,6 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
 
     static let cancelledByUser = MigrationError(.cancelled, "migration cancelled")
     static let pausedByUser = MigrationError(.paused, "Postcopy migration is paused by the user")
+    /// QEMU's words: multifd needs a socket transport on both sides.
+    static let multifdNeedsSocket = MigrationError(.config, "multifd is not supported by current protocol (use a tcp: or unix: URI)")
 }

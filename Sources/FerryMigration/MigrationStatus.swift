@@ -25,6 +25,8 @@ public enum MigrationStatus: String, Sendable, CaseIterable {
     }
 
     public var isFinished: Bool { self == .completed || self == .failed || self == .cancelled }
+    /// The statuses whose error says why (query-migrate's `error-desc`, the log's cause).
+    public var carriesError: Bool { self == .failed || self == .postcopyPaused }
     public var isRunning: Bool { !isFinished && self != .none }
 }
 

@@ -170,7 +170,7 @@ enum QMPCommands {
         let s = host.queryMigrate()
         guard s.status != .none else { return [:] }
         var r: [String: Any] = ["status": s.status.rawValue]
-        if let e = s.errorDescription, s.status == .failed || s.status == .postcopyPaused { r["error-desc"] = e }
+        if let e = s.errorDescription, s.status.carriesError { r["error-desc"] = e }
         if let f = s.faults {
             r["postcopy-blocktime"] = f.blocktimeMs
             r["postcopy-vcpu-blocktime"] = f.vcpuBlocktimeMs

@@ -5,7 +5,7 @@ import FerrySys
 import Foundation
 import Glibc
 
-func mib(_ v: Any?) -> String { String(format: "%.1f MiB", Double(qmpNumber(v)) / 1048576) }
+func mib(_ v: Any?) -> String { MigrationProgress.mib(qmpNumber(v)) }
 func num(_ v: Any?) -> UInt64 { qmpNumber(v) }
 
 /// What `ferry migrate` exits with (also in `ferry migrate --help` and the README).

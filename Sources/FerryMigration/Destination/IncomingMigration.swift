@@ -92,8 +92,7 @@ final class IncomingMigration: @unchecked Sendable {
         let (before, after, cause) = lock.withLock {
             let r = DestinationPhase.step(&phase, event)
             if r.after != nil { body(&_stats); lock.broadcast() }
-            let stopped = r.after.map { [.failed, .postcopyPaused].contains($0.status) } ?? false
-            return (r.before, r.after, stopped ? _stats.errorDescription : nil)
+            return (r.before, r.after, r.after?.status.carriesError == true ? _stats.errorDescription : nil)
         }
         guard let after else { throw MigrationError(.protocolError, "migration event \(event) is not valid in phase \(before)") }
         host.announce(before.status, after.status, side: "destination", cause: cause)
@@ -194,7 +193,7 @@ final class IncomingMigration: @unchecked Sendable {
     /// The source's multifd channels (`multifd-channels` and `multifd-compression` as set
     /// here, which must match the source's) and their receiver threads.
     private func acceptMultifdChannels(early: [MigrationChannel], postcopy: Bool) throws {
-        guard listener.isSocket else { throw MigrationError(.config, "multifd is not supported by current protocol (use a tcp: or unix: URI)") }
+        guard listener.isSocket else { throw MigrationError.multifdNeedsSocket }
         let p = host.parameters
         let channels = try ChannelSetup.acceptMultifd(on: listener, count: Int(p.multifdChannels), early: early, heartbeatTimeoutMs: p.heartbeatTimeout)
         let receivers = try MultifdReceivers(channels: channels, block: machine.ram, layout: layout, compression: p.multifdCompression,

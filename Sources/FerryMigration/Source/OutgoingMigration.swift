@@ -111,8 +111,7 @@ final class OutgoingMigration: @unchecked Sendable {
         let (before, after, cause) = lock.withLock {
             let r = SourcePhase.step(&phase, event)
             if r.after != nil { body(&_stats); lock.broadcast() }
-            let stopped = r.after.map { [.failed, .postcopyPaused].contains($0.status) } ?? false
-            return (r.before, r.after, stopped ? _stats.errorDescription : nil)
+            return (r.before, r.after, r.after?.status.carriesError == true ? _stats.errorDescription : nil)
         }
         guard let after else {
             if before == .cancelling { throw MigrationError.cancelledByUser }
@@ -245,7 +244,7 @@ final class OutgoingMigration: @unchecked Sendable {
     private func run() {
         do {
             if capabilities.contains(.multifd), !uri.isBidirectional {
-                throw MigrationError(.config, "multifd is not supported by current protocol (use a tcp: or unix: URI)")
+                throw MigrationError.multifdNeedsSocket
             }
             let ch = try ChannelSetup.connect(uri, role: .main, tls: tls, heartbeatTimeoutMs: parameters.heartbeatTimeout,
                                               isCancelled: { [self] in isCancelled })
