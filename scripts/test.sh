@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 swift build
+# The installable binary (and its man page, completions) that StaticBinaryTests runs.
+scripts/build-static.sh
 swift test --skip LinuxBootTests --skip QEMUDifferentialTests
 # Alone: Debian's kernel decompresses itself for minutes in guest code at ~1.5 M
 # instructions a second and needs a core to itself; beside the suite it starves. The

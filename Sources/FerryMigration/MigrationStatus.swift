@@ -125,6 +125,13 @@ public struct MigrationStats: Sendable {
     public var downtimeBytes: UInt64 = 0
     public var postcopyRequests: UInt64 = 0
     public var postcopyBytes: UInt64 = 0
+    /// Source, postcopy: wire bytes of the pages the destination asked for (on the urgent
+    /// channel with preempt, else ahead of the background stream) and of the background
+    /// stream's pages; with their rates over the last second while postcopy runs.
+    public var postcopyRequestedBytes: UInt64 = 0
+    public var postcopyBackgroundBytes: UInt64 = 0
+    public var postcopyRequestedRate: Double?
+    public var postcopyBackgroundRate: Double?
     /// Bytes written (source) or read (destination) on the multifd channels.
     public var multifdBytes: UInt64 = 0
     /// Precopy did not converge and the source switched to postcopy by itself.

@@ -109,6 +109,8 @@ public final class MetricsServer: @unchecked Sendable {
         gauge("memory_transfer_rate_bytes", s.mbps * 1e6 / 8)
         gauge("postcopy_bytes", Double(s.postcopyBytes))
         gauge("postcopy_requests", Double(s.postcopyRequests))
+        gauge("postcopy_requested_bytes", Double(s.postcopyRequestedBytes))
+        gauge("postcopy_background_bytes", Double(s.postcopyBackgroundBytes))
         gauge("downtime_seconds", Double(s.downtimeMs ?? 0) / 1000)
         gauge("vcpu_blocked_seconds", Double(s.faults?.blocktimeMs ?? 0) / 1000)
         for st in Self.statuses { gauge("phase", st == s.status ? 1 : 0, [("phase", st.rawValue)]) }

@@ -217,7 +217,14 @@ enum QMPCommands {
             "downtime-bytes": s.downtimeBytes, "postcopy-bytes": s.postcopyBytes, "postcopy-requests": s.postcopyRequests, "multifd-bytes": s.multifdBytes,
             "skipped": 0, "dirty-sync-missed-zero-copy": 0,
             "x-auto-postcopy": s.autoSwitched,
+            "x-postcopy-requested-bytes": s.postcopyRequestedBytes, "x-postcopy-background-bytes": s.postcopyBackgroundBytes,
         ] as [String: Any]
+        if var ram = r["ram"] as? [String: Any] {
+            // Bytes/s over the last second, while postcopy runs.
+            if let v = s.postcopyRequestedRate { ram["x-postcopy-requested-bytes-per-second"] = v }
+            if let v = s.postcopyBackgroundRate { ram["x-postcopy-background-bytes-per-second"] = v }
+            r["ram"] = ram
+        }
         if let x = s.xbzrle {
             r["xbzrle-cache"] = ["cache-size": x.cacheSize, "bytes": x.bytes, "pages": x.pages, "cache-miss": x.cacheMiss,
                                  "cache-miss-rate": x.cacheMissRate, "encoding-rate": x.encodingRate, "overflow": x.overflow] as [String: Any]

@@ -31,6 +31,8 @@ struct MigrationProgress {
     let dirtyPagesRate, pageSize, passes, pageRequests: UInt64
     let downtimeMs, expectedDowntimeMs, blocktimeMs: UInt64?
     let pauses, recoveries: UInt64
+    /// Postcopy: bytes/s of the pages the destination asked for and of the background stream.
+    let requestedRate, backgroundRate: Double?
     let error: String?
 
     init(_ info: [String: Any]) {
@@ -45,6 +47,8 @@ struct MigrationProgress {
         blocktimeMs = info["postcopy-blocktime"].map(num)
         let rec = info["x-postcopy-recovery"] as? [String: Any] ?? [:]
         pauses = num(rec["pauses"]); recoveries = num(rec["recoveries"])
+        requestedRate = (ram["x-postcopy-requested-bytes-per-second"] as? NSNumber)?.doubleValue
+        backgroundRate = (ram["x-postcopy-background-bytes-per-second"] as? NSNumber)?.doubleValue
         error = info["error-desc"] as? String
     }
 
@@ -67,6 +71,7 @@ struct MigrationProgress {
         if let e = etaMs, !isPostcopy || remaining > 0 { l += "  ETA \(Self.duration(e))" }
         if let e = expectedDowntimeMs { l += "  expected downtime \(e) ms" }
         if pageRequests > 0 { l += "  page requests \(pageRequests)" }
+        if let r = requestedRate, let b = backgroundRate { l += "  requested \(Self.rate(r))  background \(Self.rate(b))" }
         return l
     }
 
@@ -83,6 +88,7 @@ struct MigrationProgress {
         if let d = downtimeMs { rows.append(("Total downtime", "\(d) ms")) }
         if let b = blocktimeMs { rows.append(("vCPU blocked time", "\(b) ms")) }
         if pageRequests > 0 { rows.append(("Page requests", "\(pageRequests)")) }
+        if let r = requestedRate, let b = backgroundRate { rows += [("Requested pages", Self.rate(r)), ("Background pages", Self.rate(b))] }
         if pauses > 0 || recoveries > 0 { rows.append(("Postcopy pauses", "\(pauses), recovered \(recoveries)")) }
         if let e = error { rows.append(("Error", e)) }
         let w = rows.map(\.0.count).max() ?? 0
@@ -98,11 +104,14 @@ struct MigrationProgress {
         j["downtime-ms"] = downtimeMs ?? NSNull()
         j["expected-downtime-ms"] = expectedDowntimeMs ?? NSNull()
         j["blocktime-ms"] = blocktimeMs ?? NSNull()
+        j["postcopy-requested-bytes-per-second"] = requestedRate ?? NSNull()
+        j["postcopy-background-bytes-per-second"] = backgroundRate ?? NSNull()
         j["error"] = error ?? NSNull()
         return j
     }
 
     static func mib(_ b: UInt64) -> String { String(format: "%.1f MiB", Double(b) / 1048576) }
+    static func rate(_ bytesPerSecond: Double) -> String { String(format: "%.1f MiB/s", bytesPerSecond / 1048576) }
     static func duration(_ ms: UInt64) -> String { ms < 10_000 ? String(format: "%.1f s", Double(ms) / 1000) : "\(ms / 1000) s" }
 }
 
@@ -321,7 +330,7 @@ struct MigrateStart: ParsableCommand {
                     }
                 } else {
                     say("cancelling the migration (Ctrl-C); the source guest runs on")
-                    try? c.execute("migrate_cancel")
+                    _ = try? c.execute("migrate_cancel")
                 }
             }
             if let t = timeout, !timedOut, Double(elapsedMs) / 1000 >= t {
@@ -337,7 +346,7 @@ struct MigrateStart: ParsableCommand {
         switch (timeoutAction, p.isPostcopy) {
         case (.cancel, false), (.pause, false):
             say("timed out after \(t) s (\(p.status)): cancelling; the source guest runs on")
-            try? c.execute("migrate_cancel")
+            _ = try? c.execute("migrate_cancel")
         case (.cancel, true), (.postcopy, true):
             say("timed out after \(t) s, but in \(p.status) the guest runs on the destination: waiting for the end (a cancel would lose it)")
         case (.postcopy, false):

@@ -105,6 +105,9 @@ struct MetricsTests {
         let sent = query(pp, "ferry_migration_data_processed_bytes{\(s)}") ?? 0
         #expect(sent >= Double(60 << 20), "\(sent)")
         #expect(query(pp, "ferry_migration_postcopy_bytes{\(s)}") ?? 0 > 0)
+        // The destination faulted, so the source served requested pages, and streamed the rest.
+        #expect(query(pp, "ferry_migration_postcopy_requested_bytes{\(s)}") ?? 0 > 0)
+        #expect(query(pp, "ferry_migration_postcopy_background_bytes{\(s)}") ?? 0 > 0)
         #expect(query(pp, "ferry_migration_postcopy_pauses_total{\(s)}") == 0)
         // The destination resolved faults: its histogram's count is theirs.
         let faults = query(pp, "ferry_migration_postcopy_fault_latency_seconds_count{\(d)}") ?? 0

@@ -14,7 +14,7 @@ import Glibc
 /// page requests (`ReturnPathReader.swift`).
 ///
 /// Ownership of the mutable fields:
-/// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`, `wireRate`,
+/// - guarded by `lock`: `phase`, `_stats`, `_parameters`, `channel`, `urgent`, `inbox`, `wireRate`, `requestedRate`, `backgroundRate`,
 ///   `requests`, `asked`, `recoveryURI`, `multifd` (set by `mig/src/main`, which reads it
 ///   without the lock);
 /// - `mig/src/main` only: `cursor`, `header`, `limiter`, `pings`, `switchover`, `rpThread`
@@ -87,6 +87,8 @@ final class OutgoingMigration: @unchecked Sendable {
     var lastSyncNanos: UInt64 = 0
     /// `mbps` between bitmap syncs, sampled as the stats are read.
     private var wireRate = RateWindow()
+    /// Postcopy's requested and background page bytes per second, sampled likewise.
+    private var requestedRate = RateWindow(), backgroundRate = RateWindow()
 
     init(host: VMHost, uri: MigrationURI, parameters: MigrationParameters, capabilities: Set<MigrationCapability>, tls: ChannelSecurity?) {
         self.host = host
@@ -142,6 +144,11 @@ final class OutgoingMigration: @unchecked Sendable {
             if let start = bytesAtPostcopyStart {
                 s.precopyBytes = start
                 s.postcopyBytes = s.transferred - min(start, s.transferred)
+                if phase.isRunning {
+                    let now = Sys.monotonicNanos()
+                    s.postcopyRequestedRate = requestedRate.rate(now: now, bytes: s.postcopyRequestedBytes)
+                    s.postcopyBackgroundRate = backgroundRate.rate(now: now, bytes: s.postcopyBackgroundBytes)
+                }
             }
             s.xbzrle?.cacheSize = _parameters.xbzrleCacheSize // as QEMU: the parameter
             return s
@@ -264,10 +271,11 @@ final class OutgoingMigration: @unchecked Sendable {
             try sendSetup(ch, returnPath: returnPath)
             if returnPath { try startReturnPath(ch) }
             if capabilities.contains(.multifd) { try openMultifdChannels() }
-            try machine.vm.setDirtyLogging(machine.ram, true)
             // The first pass sends everything; the log only matters from here on.
-            let discard = PageBitmap(bitCount: block.pageCount)
-            try machine.vm.collectDirtyLog(machine.ram, into: discard)
+            try keepingHeartbeat(ch) { [self] in
+                try machine.vm.setDirtyLogging(machine.ram, true)
+                try machine.vm.collectDirtyLog(machine.ram, into: PageBitmap(bitCount: block.pageCount))
+            }
             toSend.setAll()
             countBitmapSync()
             // Read (chunk by chunk) after dirty logging is on: a page unpopulated then and

@@ -138,15 +138,24 @@ extension OutgoingMigration {
             header.ramSectionBegin(.part, id: Self.ramSectionID)
             try ch.write(header)
             var first = true
-            var counts = PageCounts()
-            defer { if counts.total > 0 { updateStats { $0.normal += counts.normal; $0.duplicate += counts.duplicate } } }
+            var requested = PageCounts(), background = PageCounts()
+            defer {
+                if requested.total + background.total > 0 {
+                    updateStats {
+                        $0.normal += requested.normal + background.normal
+                        $0.duplicate += requested.duplicate + background.duplicate
+                        $0.postcopyRequestedBytes += requested.bytes
+                        $0.postcopyBackgroundBytes += background.bytes
+                    }
+                }
+            }
             let (pending, hint): ([Range<Int>], Int?) = lock.withLock {
                 defer { requests.pending.removeAll(); requests.hint = nil }
                 return (requests.pending, requests.hint)
             }
             for r in pending {
                 for p in r where toSend.testAndClear(p) {
-                    counts.add(zero: try PageRecord.send(ch, block, p, named: first, buffer: &header))
+                    try requested.send(ch, block, p, named: first, buffer: &header)
                     first = false
                     cursor = p + 1 // move the background scan near what the guest wants
                 }
@@ -157,7 +166,7 @@ extension OutgoingMigration {
             let overBudget = delay > 0
             var sent = 0
             while !overBudget, sent < 64, let p = toSend.nextSet(from: cursor) ?? toSend.nextSet(from: 0) {
-                if toSend.testAndClear(p) { counts.add(zero: try PageRecord.send(ch, block, p, named: first, buffer: &header)); first = false; sent += 1 }
+                if toSend.testAndClear(p) { try background.send(ch, block, p, named: first, buffer: &header); first = false; sent += 1 }
                 cursor = p + 1
             }
             header.removeAll()

@@ -70,14 +70,14 @@ extension OutgoingMigration {
                 // auto-converge decides at bitmap syncs, and a pass at a low bandwidth lasts
                 // seconds: sync once a second in between (QEMU master's background sync for
                 // auto-converge does the same every 5 s), or the throttle crawls.
-                if autoConverge != nil && Sys.nanosSince(lastSyncNanos) >= AutoConvergePolicy.minPeriodNanos { try collectDirtyPages() }
+                if autoConverge != nil && Sys.nanosSince(lastSyncNanos) >= AutoConvergePolicy.minPeriodNanos { try collectDirtyPages(heartbeatOn: ch) }
                 continue
             }
 
             // End of a pass: collect what the guest dirtied meanwhile. XBZRLE deltas start
             // with the second pass (the first filled the cache).
             let now = Sys.monotonicNanos()
-            try collectDirtyPages()
+            try collectDirtyPages(heartbeatOn: ch)
             xbzrle?.started = true
             let p = parameters
             let autoSwitch = capabilities.contains(.postcopyRAM) ? p.postcopyAutoSwitchPasses : 0
@@ -155,10 +155,17 @@ extension OutgoingMigration {
     /// read before may be stale now (a page written since is in `toSend`): it is read
     /// afresh, chunk by chunk, as pages are sent.
     /// Counts as a bitmap sync as QEMU counts one (`dirty-sync-count`, `MIGRATION_PASS`).
+    /// With `heartbeatOn` (between passes, the guest running) the destination keeps hearing
+    /// PINGs while the log is collected (`keepingHeartbeat`); the switch-overs' collections,
+    /// the guest stopped, run here directly.
     @discardableResult
-    func collectDirtyPages() throws -> UInt64 {
+    func collectDirtyPages(heartbeatOn ch: MigrationChannel? = nil) throws -> UInt64 {
         let before = autoConverge == nil ? 0 : toSend.popcount()
-        try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+        if let ch {
+            try keepingHeartbeat(ch) { [self] in try machine.vm.collectDirtyLog(machine.ram, into: toSend) }
+        } else {
+            try machine.vm.collectDirtyLog(machine.ram, into: toSend)
+        }
         lastSyncNanos = Sys.monotonicNanos()
         if populated != nil { populated = PopulatedPages(block) }
         if autoConverge != nil, !machine.pauseRequested {

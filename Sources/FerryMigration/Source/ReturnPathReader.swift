@@ -75,7 +75,7 @@ extension OutgoingMigration {
         }
         if let refusal { throw MigrationError(.protocolError, refusal) }
         if let counts = try pc?.send(pages, of: block, from: toSend), counts.total > 0 {
-            updateStats { $0.normal += counts.normal; $0.duplicate += counts.duplicate }
+            updateStats { $0.normal += counts.normal; $0.duplicate += counts.duplicate; $0.postcopyRequestedBytes += counts.bytes }
         }
     }
 }

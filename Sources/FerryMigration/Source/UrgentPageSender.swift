@@ -17,7 +17,7 @@ final class UrgentPageSender: @unchecked Sendable {
     func send(_ pages: Range<Int>, of block: RAMBlock, from toSend: PageBitmap) throws -> PageCounts {
         var counts = PageCounts()
         for p in pages where toSend.testAndClear(p) {
-            counts.add(zero: try PageRecord.send(channel, block, p, named: !named, buffer: &buffer))
+            try counts.send(channel, block, p, named: !named, buffer: &buffer)
             named = true
         }
         guard counts.total > 0 else { return counts }
@@ -30,10 +30,18 @@ final class UrgentPageSender: @unchecked Sendable {
 }
 
 /// Pages sent whole and as zero records, for `normal` and `duplicate` (QEMU counts zero
-/// pages in every phase, postcopy's too).
+/// pages in every phase, postcopy's too), and their records' wire bytes (postcopy's
+/// requested and background bytes).
 struct PageCounts {
     var normal: UInt64 = 0
     var duplicate: UInt64 = 0
+    var bytes: UInt64 = 0
     var total: UInt64 { normal + duplicate }
-    mutating func add(zero: Bool) { if zero { duplicate += 1 } else { normal += 1 } }
+
+    /// Sends page `i` (`PageRecord.send`) and counts it.
+    mutating func send(_ ch: MigrationChannel, _ block: RAMBlock, _ i: Int, named: Bool, buffer: inout WireBuffer) throws {
+        let zero = try PageRecord.send(ch, block, i, named: named, buffer: &buffer)
+        if zero { duplicate += 1 } else { normal += 1 }
+        bytes += UInt64(buffer.count + (zero ? 0 : Wire.pageSize))
+    }
 }
