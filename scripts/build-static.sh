@@ -2,7 +2,7 @@
 # An installable ferry in dist/: the Swift runtime and Foundation linked in
 # (--static-swift-stdlib), so it runs where no Swift toolchain is installed (it needs
 # glibc, libssl3 and libzstd1, as Debian has them); its man page, generated from the
-# argument parser (the package's generate-manual plugin), and bash/zsh/fish completions.
+# argument parser (swift-argument-parser's generate-manual), and bash/zsh/fish completions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scratch=.build-static
@@ -12,6 +12,7 @@ cp "$scratch/release/ferry" dist/ferry
 dist/ferry --generate-completion-script bash > dist/completions/ferry.bash
 dist/ferry --generate-completion-script zsh > dist/completions/_ferry
 dist/ferry --generate-completion-script fish > dist/completions/ferry.fish
-swift package --scratch-path "$scratch" plugin generate-manual --product ferry >/dev/null
-cp "$scratch/plugins/GenerateManual/outputs/ferry/ferry.1" dist/man/ferry.1
+# swift-argument-parser's generate-manual (what its plugin runs), reading ferry's own help.
+swift build --product generate-manual --scratch-path "$scratch" >/dev/null
+"$(swift build --show-bin-path --scratch-path "$scratch")/generate-manual-tool" dist/ferry --output-directory dist/man
 ls -l dist/ferry dist/man/ferry.1 dist/completions

@@ -31,19 +31,20 @@ struct StaticBinaryTests {
             mount -t tmpfs -o size=1M ferry-hidden '\(runtime)' || { echo 'MOUNT FAILED'; exit 99; }
             '\(Paths.root)/.build/debug/ferry' --version >/dev/null 2>&1; echo "debug build exit $?"
             '\(Self.binary)' --version || exit 98
-            exec '\(Self.binary)' demo --memory 32M --postcopy
+            exec '\(Self.binary)' demo --memory 32M --postcopy --max-bandwidth 8000000
             """
         let (status, out) = try runProcess("/usr/bin/unshare", ["--mount", "--propagation", "private", "/bin/sh", "-c", script])
         // Hidden indeed: the dynamically linked build cannot start (ld.so exits 127).
         #expect(out.contains("debug build exit 127"), "\(out)")
         #expect(status == 0, "\(out)")
         #expect(out.contains("memory check passed"), "\(out)")
+        #expect(out.contains("postcopy-active"), "the demo never reached postcopy: \(out)")
 
         let man = (try? String(contentsOfFile: "\(Paths.root)/dist/man/ferry.1", encoding: .utf8)) ?? ""
         #expect(man.contains(".Nm") && man.contains("migrate"), "man page: \(man.prefix(300))")
         for f in ["ferry.bash", "_ferry", "ferry.fish"] {
             let c = (try? String(contentsOfFile: "\(Paths.root)/dist/completions/\(f)", encoding: .utf8)) ?? ""
-            #expect(c.contains("migrate") && c.contains("--incoming"), "completion \(f): \(c.prefix(200))")
+            #expect(c.contains("migrate") && c.contains("incoming") && c.contains("max-bandwidth"), "completion \(f): \(c.prefix(200))")
         }
     }
 }
