@@ -101,6 +101,12 @@ struct RecoveryTests {
         case .postcopy:
             try p.startPostcopy()
             #expect(p.bothActive())
+            // query-migrate's rates while postcopy runs: the background stream at its limit
+            // (12 MB/s), measured over the last second.
+            _ = p.source.queryMigrate()
+            usleep(400_000)
+            let rate = p.source.queryMigrate().postcopyBackgroundRate ?? 0
+            #expect(rate > 0 && rate < 24e6, "background \(rate) B/s at max-postcopy-bandwidth 12 MB/s")
             inject()
             #expect(waitUntil { p.source.queryMigrate().postcopyPauses >= 1 && p.destination.queryMigrate().postcopyPauses >= 1 })
             heal()
