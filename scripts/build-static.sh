@@ -14,5 +14,5 @@ dist/ferry --generate-completion-script zsh > dist/completions/_ferry
 dist/ferry --generate-completion-script fish > dist/completions/ferry.fish
 # swift-argument-parser's generate-manual (what its plugin runs), reading ferry's own help.
 swift build --product generate-manual --scratch-path "$scratch" >/dev/null
-"$(swift build --show-bin-path --scratch-path "$scratch")/generate-manual-tool" dist/ferry --output-directory dist/man
+"$(swift build --show-bin-path --scratch-path "$scratch")/generate-manual" dist/ferry --output-directory dist/man
 ls -l dist/ferry dist/man/ferry.1 dist/completions
