@@ -169,8 +169,10 @@ struct XBZRLEMigrationTests {
         let x = try #require(s.xbzrle)
         #expect(x.cacheSize == 64 << 20)
         #expect(x.pages > 1000, "\(x)")
-        // The first pass filled a cache that holds every page: every later page is a hit.
-        #expect(x.cacheMiss == 0 && x.overflow == 0, "\(x)")
+        // The first pass filled a cache that holds every page: every later page is a hit,
+        // but for a page still zero then (not cached, as QEMU's bulk stage) and first written
+        // after it: the guest's own few status pages (1 once in CI).
+        #expect(x.cacheMiss <= 16 && x.overflow == 0, "\(x)")
         #expect(x.bytes > 0 && x.bytes < x.pages * 64, "deltas of one changed byte should be tiny: \(x)")
         #expect(s.transferred < 4 * (64 << 20), "\(s.transferred) bytes for a 64 MiB guest")
         pair.expectDestinationRunsCorrectly()
@@ -193,10 +195,14 @@ struct XBZRLEMigrationTests {
         let after = try #require(pair.source.queryMigrate().xbzrle)
         // 256 slots for 16 k pages: the new cache misses most of them.
         #expect(after.cacheMiss > before.cacheMiss + 1000, "before \(before), after \(after)")
-        // Back to a cache that holds every page: deltas again, and it ends. About the cache,
-        // not convergence: a CPU-starved source (this test beside the 64 GiB guest's under
-        // ThreadSanitizer) measured too slow a link to converge at 1.2 s in 480 s.
-        pair.source.setParameters { $0.xbzrleCacheSize = 64 << 20; $0.downtimeLimit = 60_000 }
+        // Back to a cache that holds every page: a pass refills it, the next sends deltas.
+        // Then it may end: about the cache, not convergence (a CPU-starved source, this test
+        // beside the 64 GiB guest's under ThreadSanitizer, measured too slow a link to
+        // converge at 1.2 s in 480 s), so any downtime is accepted.
+        pair.source.setParameters { $0.xbzrleCacheSize = 64 << 20 }
+        let refilled = pair.source.queryMigrate().dirtySyncCount
+        #expect(waitUntil(seconds: scaled(60)) { pair.source.queryMigrate().dirtySyncCount >= refilled + 2 })
+        pair.source.setParameters { $0.downtimeLimit = 60_000 }
         #expect(pair.source.waitForMigration(seconds: scaled(120)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
         let end = try #require(pair.source.queryMigrate().xbzrle)
         #expect(end.cacheSize == 64 << 20 && end.pages > after.pages)
