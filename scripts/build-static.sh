@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # An installable ferry in dist/: the Swift runtime and Foundation linked in
 # (--static-swift-stdlib), so it runs where no Swift toolchain is installed (it needs
-# glibc, libssl3 and libzstd1, as Debian has them); its man page, generated from the
+# glibc, libstdc++, libssl3 and libzstd1, as Debian has them); its man page, generated from the
 # argument parser (swift-argument-parser's generate-manual), and bash/zsh/fish completions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
