@@ -19,8 +19,14 @@ struct FerryBench: ParsableCommand {
     @Option(help: "Only scenarios whose name contains this.")
     var filter: String?
 
-    @Option(help: "Suites to run: precopy, postcopy, recovery, compare (Ferry beside QEMU), tls (the cost of TLS), smp (postcopy by vCPU count); comma-separated.")
+    @Option(help: "Suites to run: precopy, postcopy, recovery, compare (Ferry beside QEMU), tls (the cost of TLS), smp (postcopy by vCPU count), soak (migrations back and forth with random failures); comma-separated.")
     var suites = "precopy,postcopy,recovery"
+
+    @Option(help: "soak: how many migrations.")
+    var migrations = 300
+
+    @Option(help: "soak: the seed of the migrations' modes, faults and recoveries (a seed reproduces a run).")
+    var seed: UInt64 = 1
 
     func run() throws {
         // A ferry child that dies must not kill the benchmark through its QMP socket.
@@ -33,6 +39,7 @@ struct FerryBench: ParsableCommand {
         if wanted.contains("smp") { try runPostcopySuite(smpScenarios(), file: "smp") }
         if wanted.contains("compare") { try runComparison() }
         if wanted.contains("tls") { try runTLSSuite() }
+        if wanted.contains("soak") { try runSoak() }
     }
 
     func runPrecopySuite() throws {
