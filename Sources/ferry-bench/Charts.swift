@@ -117,6 +117,43 @@ enum Chart {
         return svg + "</svg>\n"
     }
 
+    /// The soak's per-process fds, threads and RSS against the migration number: the source
+    /// (the guest's process before each migration) and the destination (after a completed
+    /// one); flat lines mean nothing leaks from one migration to the next.
+    static func soakUsage(title: String, samples: [(migration: Int, role: String, fds: Int, threads: Int, rssMiB: Double)]) -> String {
+        let w = 900.0, ph = 150.0, left = 70.0, top = 58.0, gap = 52.0
+        let metrics: [(String, (Int, Int, Double) -> Double)] = [("open fds", { f, _, _ in Double(f) }), ("threads", { _, t, _ in Double(t) }), ("RSS MiB", { _, _, r in r })]
+        let h = top + Double(metrics.count) * (ph + gap) + 30
+        let n = max(1, (samples.map(\.migration).max() ?? 0) + 1)
+        func x(_ i: Int) -> Double { left + (Double(i) + 0.5) / Double(n) * (w - left - 20) }
+        var svg = "<svg xmlns='http://www.w3.org/2000/svg' width='\(Int(w))' height='\(Int(h))' font-family='sans-serif' font-size='12'>\n"
+        svg += "<rect width='100%' height='100%' fill='white'/>\n<text x='\(left)' y='20' font-size='15'>\(title)</text>\n"
+        svg += "<text x='\(left)' y='38' font-size='11' fill='#444'>from /proc/PID (fd directory, status Threads and VmRSS); source: the guest's process before each migration; destination: after a completed one</text>\n"
+        let colors = ["source": "#1f4e9c", "destination": "#2e8b57"]
+        for (k, (name, value)) in metrics.enumerated() {
+            let y0 = top + Double(k) * (ph + gap)
+            let vMax = max(1, samples.map { value($0.fds, $0.threads, $0.rssMiB) }.max() ?? 1)
+            let step = tickStep(vMax)
+            let top = step * ceil(vMax / step)
+            func y(_ v: Double) -> Double { y0 + ph - v / top * ph }
+            for v in ticks(upTo: top, step: step) {
+                svg += "<line x1='\(left)' y1='\(y(v))' x2='\(w - 20)' y2='\(y(v))' stroke='#ccc' stroke-width='0.5'/><text x='\(left - 6)' y='\(y(v) + 4)' text-anchor='end'>\(String(format: "%g", v))</text>\n"
+            }
+            for role in ["source", "destination"] {
+                let pts = samples.filter { $0.role == role }.map { "\(String(format: "%.1f", x($0.migration))),\(String(format: "%.1f", y(value($0.fds, $0.threads, $0.rssMiB))))" }
+                svg += "<polyline fill='none' stroke='\(colors[role]!)' stroke-width='1.2' points='\(pts.joined(separator: " "))'/>\n"
+            }
+            svg += "<rect x='\(left)' y='\(y0)' width='\(w - left - 20)' height='\(ph)' fill='none' stroke='#888'/><text x='\(left)' y='\(y0 - 6)' font-weight='bold'>\(name)</text>\n"
+            for i in ticks(upTo: Double(n), step: tickStep(Double(n), count: 8)) {
+                svg += "<text x='\(x(Int(i)))' y='\(y0 + ph + 16)' text-anchor='middle'>\(Int(i))</text>\n"
+            }
+        }
+        svg += "<text x='\(w - 20)' y='\(h - 24)' text-anchor='end'>migration</text>\n"
+        svg += "<line x1='\(left)' y1='\(h - 15)' x2='\(left + 25)' y2='\(h - 15)' stroke='#1f4e9c' stroke-width='2'/><text x='\(left + 30)' y='\(h - 10)'>source</text>\n"
+        svg += "<line x1='\(left + 110)' y1='\(h - 15)' x2='\(left + 135)' y2='\(h - 15)' stroke='#2e8b57' stroke-width='2'/><text x='\(left + 140)' y='\(h - 10)'>destination</text>\n"
+        return svg + "</svg>\n"
+    }
+
     /// Fault-latency histogram (QEMU's 24 log2-µs buckets), engines side by side.
     static func histogram(title: String, series: [(label: String, buckets: [UInt64]?)]) -> String {
         let w = 900.0, h = 320.0, left = 60.0, top = 40.0, ph = 220.0

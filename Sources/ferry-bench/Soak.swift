@@ -335,6 +335,9 @@ extension FerryBench {
             md += String(format: "%.0f-%.0f |\n", Double(s.map(\.rssKiB).min()!) / 1024, Double(s.map(\.rssKiB).max()!) / 1024)
         }
         try md.write(toFile: "\(output)/soak.md", atomically: true, encoding: .utf8)
+        let svg = Chart.soakUsage(title: "Soak: \(r.migrations.count) migrations, seed \(r.seed): per-process fds, threads, RSS",
+                                  samples: r.samples.map { ($0.migration, $0.role, $0.fds, $0.threads, Double($0.rssKiB) / 1024) })
+        try svg.write(toFile: "\(output)/soak-usage.svg", atomically: true, encoding: .utf8)
         print(md)
     }
 }
