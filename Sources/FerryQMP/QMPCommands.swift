@@ -209,7 +209,7 @@ enum QMPCommands {
         } else {
             r["expected-downtime"] = s.expectedDowntimeMs ?? 0
         }
-        r["ram"] = [
+        var ram: [String: Any] = [
             "transferred": s.transferred, "remaining": s.remaining, "total": s.total,
             "duplicate": s.duplicate, "normal": s.normal, "normal-bytes": s.normal * UInt64(Wire.pageSize),
             "dirty-sync-count": s.dirtySyncCount, "mbps": s.mbps, "pages-per-second": s.pagesPerSecond,
@@ -218,13 +218,11 @@ enum QMPCommands {
             "skipped": 0, "dirty-sync-missed-zero-copy": 0,
             "x-auto-postcopy": s.autoSwitched,
             "x-postcopy-requested-bytes": s.postcopyRequestedBytes, "x-postcopy-background-bytes": s.postcopyBackgroundBytes,
-        ] as [String: Any]
-        if var ram = r["ram"] as? [String: Any] {
-            // Bytes/s over the last second, while postcopy runs.
-            if let v = s.postcopyRequestedRate { ram["x-postcopy-requested-bytes-per-second"] = v }
-            if let v = s.postcopyBackgroundRate { ram["x-postcopy-background-bytes-per-second"] = v }
-            r["ram"] = ram
-        }
+        ]
+        // Bytes/s over the last second, while postcopy runs.
+        if let v = s.postcopyRequestedRate { ram["x-postcopy-requested-bytes-per-second"] = v }
+        if let v = s.postcopyBackgroundRate { ram["x-postcopy-background-bytes-per-second"] = v }
+        r["ram"] = ram
         if let x = s.xbzrle {
             r["xbzrle-cache"] = ["cache-size": x.cacheSize, "bytes": x.bytes, "pages": x.pages, "cache-miss": x.cacheMiss,
                                  "cache-miss-rate": x.cacheMissRate, "encoding-rate": x.encodingRate, "overflow": x.overflow] as [String: Any]

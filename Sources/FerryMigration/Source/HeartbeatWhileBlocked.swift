@@ -6,10 +6,11 @@ extension OutgoingMigration {
     /// `body` returns. Enabling and collecting a big guest's dirty log is one kernel call
     /// per memory slot that took 5.8 s on this host under load (64 GiB, two vCPUs writing,
     /// ThreadSanitizer): a destination that hears nothing for `heartbeat-timeout` takes the
-    /// link for dead. Without a return path (exec:, file:) there is no heartbeat: `body`
-    /// runs here. Call between records only (a PING is a top-level command).
-    func keepingHeartbeat(_ ch: MigrationChannel, _ body: @escaping @Sendable () throws -> Void) throws {
-        guard uri.isBidirectional else { return try body() }
+    /// link for dead. Without a channel (the switch-over: the guest is stopped) or a return
+    /// path (exec:, file:: no heartbeat), `body` runs here. Call between records only (a
+    /// PING is a top-level command).
+    func keepingHeartbeat(_ ch: MigrationChannel?, _ body: @escaping @Sendable () throws -> Void) throws {
+        guard let ch, uri.isBidirectional else { return try body() }
         let job = BlockingJob()
         let worker = try KernelThread(name: "mig/src/sync") {
             let r = Result { try body() }

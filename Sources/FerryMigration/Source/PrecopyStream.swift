@@ -161,11 +161,7 @@ extension OutgoingMigration {
     @discardableResult
     func collectDirtyPages(heartbeatOn ch: MigrationChannel? = nil) throws -> UInt64 {
         let before = autoConverge == nil ? 0 : toSend.popcount()
-        if let ch {
-            try keepingHeartbeat(ch) { [self] in try machine.vm.collectDirtyLog(machine.ram, into: toSend) }
-        } else {
-            try machine.vm.collectDirtyLog(machine.ram, into: toSend)
-        }
+        try keepingHeartbeat(ch) { [self] in try machine.vm.collectDirtyLog(machine.ram, into: toSend) }
         lastSyncNanos = Sys.monotonicNanos()
         if populated != nil { populated = PopulatedPages(block) }
         if autoConverge != nil, !machine.pauseRequested {
