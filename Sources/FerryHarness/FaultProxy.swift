@@ -102,8 +102,11 @@ public final class FaultProxy: @unchecked Sendable {
         for l in links { kill(l) }
     }
 
-    /// Arms a one-shot failure for when `pattern` next passes in `direction`; the bytes that
-    /// contain it are not forwarded (except for `.corrupt`, which flips a byte of them).
+    /// Arms a one-shot failure for when `pattern` next passes in `direction` (an empty pattern:
+    /// the next bytes); the bytes that contain it are not forwarded, except for `.corrupt`,
+    /// which flips the pattern's first byte still in the chunk (a framing byte, so the peer
+    /// can notice: a flipped page byte on a plain link would be silent damage) or, for an
+    /// empty pattern, the chunk's middle byte (on a TLS link the record's MAC catches it).
     public func on(_ direction: Direction, pattern: [UInt8], _ action: Action) {
         lock.withLock { triggers.append((direction, pattern, action)) }
     }
@@ -180,9 +183,14 @@ public final class FaultProxy: @unchecked Sendable {
             let hay = tail + chunk
             tail = Array(hay.suffix(32))
             var action: Action?
+            var flip = chunk.count / 2
             lock.withLock {
-                if let i = triggers.firstIndex(where: { $0.0 == dir && contains(hay, $0.1) }) {
+                if let i = triggers.firstIndex(where: { $0.0 == dir && Self.match(hay, $0.1) != nil }) {
                     action = triggers[i].2
+                    if let at = Self.match(hay, triggers[i].1), !triggers[i].1.isEmpty {
+                        // hay = the previous chunk's tail + this chunk: the first matched byte in this chunk.
+                        flip = max(at - (hay.count - chunk.count), 0)
+                    }
                     triggers.remove(at: i)
                     firedActions.append("\(action!) \(dir)")
                 }
@@ -196,7 +204,7 @@ public final class FaultProxy: @unchecked Sendable {
             case .stall?: set(.stall); continue
             case .corrupt?:
                 var bad = chunk
-                bad[bad.count / 2] ^= 0xff
+                bad[flip] ^= 0xff
                 _ = bad.withUnsafeBytes { writeAll(to, $0) }
                 continue
             case nil: break
@@ -229,12 +237,14 @@ public final class FaultProxy: @unchecked Sendable {
         }
     }
 
-    private func contains(_ hay: [UInt8], _ needle: [UInt8]) -> Bool {
-        guard !needle.isEmpty, hay.count >= needle.count else { return false }
+    /// Where `needle` starts in `hay` (an empty needle matches at 0).
+    private static func match(_ hay: [UInt8], _ needle: [UInt8]) -> Int? {
+        guard !needle.isEmpty else { return 0 }
+        guard hay.count >= needle.count else { return nil }
         for i in 0...(hay.count - needle.count) where hay[i] == needle[0] {
-            if Array(hay[i..<i + needle.count]) == needle { return true }
+            if hay[i..<i + needle.count].elementsEqual(needle) { return i }
         }
-        return false
+        return nil
     }
 
     private func writeAll(_ fd: Int32, _ b: UnsafeRawBufferPointer) -> Bool {

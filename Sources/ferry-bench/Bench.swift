@@ -28,6 +28,9 @@ struct FerryBench: ParsableCommand {
     @Option(help: "soak: the seed of the migrations' modes, faults and recoveries (a seed reproduces a run).")
     var seed: UInt64 = 1
 
+    @Option(help: "soak: the test guest's vCPUs.")
+    var vcpus = 2
+
     func run() throws {
         // A ferry child that dies must not kill the benchmark through its QMP socket.
         signal(SIGPIPE, SIG_IGN)

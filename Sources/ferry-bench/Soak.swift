@@ -5,31 +5,90 @@ import FerrySys
 import Foundation
 import Glibc
 
-/// `ferry-bench --suites soak`: one guest migrated back and forth between `ferry run`
-/// processes (a completed migration's destination is the next source; every destination is
-/// a fresh `--incoming defer` process), each migration drawn from a seeded generator:
-/// precopy, postcopy or postcopy-preempt, plain or TLS, and a fault at a random moment
-/// through the fault proxy (reset or blackhole, in precopy or postcopy), a `migrate-pause`,
-/// or a first recovery attempt to a dead address; recovery by auto-recover or by hand.
-/// QMP clients come and go meanwhile (some leave mid-command) and one floods query-migrate.
-/// After each migration the running guest's memory is checked (on the destination, or on
-/// the source after a precopy failure) and each live process's fds, threads and RSS are
-/// sampled. Anything but "completed" or "precopy failed, source intact" is a lost guest.
+/// `ferry-bench --suites soak`: one guest (the 2-vCPU test guest by default) migrated back
+/// and forth between `ferry run` processes (a completed migration's destination is the next
+/// source; every destination is a fresh `--incoming defer` process), each migration drawn
+/// from a seeded generator: precopy, postcopy or postcopy-preempt, plain or TLS, and up to
+/// three faults through the fault proxy (reset, blackhole, stall, corrupt) or QMP
+/// (`migrate-pause`, a recovery to a dead address first), in precopy, at the switch-over, in
+/// postcopy or during a recovery; recovery by auto-recover or by hand. QMP clients come and
+/// go meanwhile (some leave mid-command) and one floods query-migrate. After each migration
+/// the running guest's memory is checked (on the destination, or on the source after a
+/// failed migration) and each live process's fds, threads and RSS are sampled; while both
+/// sides are paused, their CPU time. Anything but "completed" or a failure with the source
+/// intact (before postcopy, or at a switch-over the destination never finished) is a lost guest.
+struct SoakFault: Codable, Sendable {
+    /// reset, blackhole, stall, corrupt, pause (`migrate-pause`), dead-address (a recovery by
+    /// hand first sent to tcp:127.0.0.1:1).
+    var kind: String
+    /// precopy, switchover, postcopy, recovery.
+    var at: String
+    /// On a plain link, the protocol point (a `SoakFault.points` name) whose bytes trigger
+    /// it; nil: by time (TLS hides the framing).
+    var point: String?
+    /// For a corruption by time: which way the flipped byte goes.
+    var toSource: Bool
+    /// precopy: after `migrate`; switchover: after `migrate-start-postcopy`; postcopy: after
+    /// the guest last became active on the destination; recovery: after the link is healed.
+    var afterMs: Int
+    /// How long the link stays down after both sides paused (CPU time is measured meanwhile).
+    var holdMs: Int
+
+    /// Plain-link trigger points: the pattern and its direction.
+    static let points: [String: ([UInt8], FaultProxy.Direction)] = [
+        "pong": (WirePoint.anyPong, .toSource), "ping": (WirePoint.anyPing, .toDestination),
+        "cpu-section": (WirePoint.cpuSection, .toDestination), "packaged": (WirePoint.packaged, .toDestination),
+        "guest-started": (WirePoint.guestStarted, .toSource), "bitmap-reply": (WirePoint.bitmapReply, .toSource),
+        "resume-command": (WirePoint.resumeCommand, .toDestination), "resume-ack": (WirePoint.resumeAck, .toSource),
+    ]
+
+    var label: String { "\(kind)@\(at)" + (point.map { "/\($0)" } ?? "") }
+}
+
 struct SoakPlan: Codable, Sendable {
     var mode: String // precopy, postcopy, postcopy-preempt
     var tls: Bool
-    var fault: String // none, reset-precopy, blackhole-precopy, reset-postcopy, blackhole-postcopy, pause, dead-address-first
-    var faultAfterMs: Int
+    var faults: [SoakFault]
     var autoRecover: Bool
 
     static func draw(_ g: inout SplitMix) -> SoakPlan {
         let mode = ["precopy", "postcopy", "postcopy-preempt"][g.below(3)]
-        let post = mode != "precopy"
-        let faults = post ? ["none", "none", "reset-precopy", "reset-postcopy", "blackhole-postcopy", "pause", "dead-address-first"]
-                          : ["none", "none", "reset-precopy", "blackhole-precopy"]
-        let fault = faults[g.below(faults.count)]
-        return SoakPlan(mode: mode, tls: g.below(3) == 0, fault: fault, faultAfterMs: 100 + g.below(500),
-                        autoRecover: fault == "dead-address-first" ? false : g.below(2) == 0)
+        let tls = g.below(3) == 0
+        let autoRecover = g.below(2) == 0
+        func pick(_ xs: [String]) -> String { xs[g.below(xs.count)] }
+        func fault(_ kinds: [String], at: String, points: [String]) -> SoakFault {
+            let kind = pick(kinds)
+            // Framing bytes only carry a fault on a plain link; a corruption always needs one
+            // there (a flipped page byte would be silent damage, as in QEMU's stream).
+            let byPattern = !tls && (at == "switchover" || at == "recovery" || kind == "corrupt") && kind != "pause" && kind != "dead-address"
+            let point = byPattern ? pick(kind == "corrupt" && at != "switchover" && at != "recovery" ? ["pong", "ping"] : points) : nil
+            return SoakFault(kind: kind, at: at, point: point, toSource: g.below(2) == 0,
+                             afterMs: at == "switchover" || at == "recovery" ? g.below(20) : 100 + g.below(500), holdMs: g.below(1000))
+        }
+        let link = ["reset", "blackhole", "stall", "corrupt"]
+        var faults: [SoakFault] = []
+        if mode == "precopy" {
+            switch g.below(3) {
+            case 0: break
+            case 1: faults = [fault(link, at: "precopy", points: [])]
+            // A precopy switch-over has no moment to aim at by time: TLS links fault in precopy.
+            default: faults = [tls ? fault(link, at: "precopy", points: []) : fault(["reset", "blackhole", "corrupt"], at: "switchover", points: ["cpu-section"])]
+            }
+        } else {
+            switch g.below(6) {
+            case 0: break
+            case 1: faults = [fault(link, at: "precopy", points: [])]
+            default:
+                faults = [g.below(3) == 0 ? fault(["reset", "blackhole", "corrupt"], at: "switchover", points: ["packaged", "guest-started"])
+                                          : fault(link + ["pause"], at: "postcopy", points: [])]
+                for _ in 0..<g.below(3) {
+                    faults.append(g.below(2) == 0 ? fault(link + ["pause"], at: "postcopy", points: [])
+                                  : fault(["reset", "blackhole", "corrupt"] + (autoRecover ? [] : ["dead-address"]), at: "recovery",
+                                          points: ["bitmap-reply", "resume-command", "resume-ack"]))
+                }
+            }
+        }
+        return SoakPlan(mode: mode, tls: tls, faults: faults, autoRecover: autoRecover)
     }
 }
 
@@ -49,13 +108,31 @@ struct SplitMix: Sendable {
 struct SoakMigration: Codable, Sendable {
     var index: Int
     var plan: SoakPlan
-    /// completed, precopy-failed-source-intact, or lost (with `detail`).
+    /// completed, precopy-failed-source-intact, switchover-failed-source-intact, or lost (with `detail`).
     var outcome: String
     var statuses: [String]
+    /// The faults as injected (or armed, for a pattern) and what the proxy fired.
+    var injected: [String]
+    var proxyFired: [String]
     var pauses: UInt64
+    /// Each time both sides sat paused with the link down: for how long, and the CPU time
+    /// each process used meanwhile.
+    var paused: [SoakPausedCPU]
     var totalMs: UInt64
     var memoryCheck: String
     var detail: String?
+}
+
+struct SoakPausedCPU: Codable, Sendable {
+    var holdMs: Int
+    /// CPU time of each process but its vCPU and live QMP session threads: the migration's
+    /// own work while paused (heartbeats, recovery attempts) and short QMP sessions.
+    var sourceCPUMs: Int
+    var destinationCPUMs: Int
+    /// The live QMP sessions' CPU time (the flooding client's answers), both processes.
+    var qmpCPUMs: Int
+    /// The destination's vCPU threads: the guest runs on there, on the pages it has.
+    var destinationVCPUMs: Int
 }
 
 struct SoakSample: Codable, Sendable {
@@ -86,6 +163,25 @@ func processUsage(_ pid: pid_t) -> (fds: Int, threads: Int, rssKiB: Int) {
         return -1
     }
     return (fds, field("Threads"), field("VmRSS"))
+}
+
+/// A process's user + system CPU time in ms (fields 14 and 15 of /proc/PID/stat, which count
+/// exited threads too), and the shares of its live vCPU threads (the guest's own work) and
+/// live QMP session threads (the clients' load: the flooding one keeps its session).
+func processCPUMs(_ pid: pid_t) -> (total: Int, vcpus: Int, qmp: Int) {
+    func cpu(_ path: String) -> (name: Substring, ms: Int)? {
+        guard let stat = try? String(contentsOfFile: path, encoding: .utf8),
+              let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")") else { return nil }
+        let f = stat[stat.index(after: close)...].split(separator: " ")
+        guard f.count > 12, let u = Int(f[11]), let s = Int(f[12]) else { return nil }
+        return (stat[stat.index(after: open)..<close], (u + s) * 1000 / sysconf(Int32(_SC_CLK_TCK)))
+    }
+    var vcpus = 0, qmp = 0
+    for tid in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? [] {
+        guard let t = cpu("/proc/\(pid)/task/\(tid)/stat") else { continue }
+        if t.name.hasPrefix("vcpu") { vcpus += t.ms } else if t.name.hasPrefix("qmp/client") { qmp += t.ms }
+    }
+    return (cpu("/proc/\(pid)/stat")?.ms ?? -1, vcpus, qmp)
 }
 
 /// QMP clients that come and go against whichever process `target` names now, and one
@@ -150,14 +246,14 @@ extension FerryBench {
         mkdir(work, 0o700)
         defer { try? FileManager.default.removeItem(atPath: work) }
         try makeTestTLSCredentials(in: "\(work)/tls")
-        let guest = TestGuestLayout(memory: 64 << 20, vcpus: 1, touched: nil, contents: .zero)
+        let guest = TestGuestLayout(memory: 64 << 20, vcpus: vcpus, touched: nil, contents: .zero)
         let exe = ferryExecutable()
         var g = SplitMix(state: seed)
         var serial = 0
         func newProcess(incoming: Bool) throws -> FerryProcess {
             serial += 1
             let p = try FerryProcess(executable: exe, directory: work, name: "vm\(serial)",
-                                     arguments: ["--memory", "64M"] + (incoming ? ["--incoming", "defer"] : []))
+                                     arguments: ["--memory", "64M", "--smp", "\(vcpus)"] + (incoming ? ["--incoming", "defer"] : []))
             try p.qmp.execute("object-add", ["qom-type": "tls-creds-x509", "id": "tls-srv", "dir": "\(work)/tls/server", "endpoint": "server"])
             try p.qmp.execute("object-add", ["qom-type": "tls-creds-x509", "id": "tls-cli", "dir": "\(work)/tls/client", "endpoint": "client"])
             return p
@@ -185,7 +281,7 @@ extension FerryBench {
             case "completed":
                 next = destination
                 source.terminate()
-            case "precopy-failed-source-intact":
+            case "precopy-failed-source-intact", "switchover-failed-source-intact":
                 next = source
                 destination.terminate()
             default:
@@ -198,8 +294,8 @@ extension FerryBench {
             }
             m.detail = m.detail.map { String($0.prefix(300)) }
             done.append(m)
-            print(String(format: "soak %3d/%d  %-16@ %-5@ %-19@ %@  %@ %5llu ms  pauses %llu", i + 1, migrations, plan.mode, plan.tls ? "tls" : "plain",
-                         plan.fault, plan.autoRecover ? "auto" : "hand", m.outcome, m.totalMs, m.pauses))
+            print(String(format: "soak %3d/%d  %-16@ %-5@ %@  %@ %5llu ms  pauses %llu  [%@] fired [%@]", i + 1, migrations, plan.mode, plan.tls ? "tls" : "plain",
+                         plan.autoRecover ? "auto" : "hand", m.outcome, m.totalMs, m.pauses, m.injected.joined(separator: " "), m.proxyFired.joined(separator: ", ")))
             source = next
         }
         churn.stop()
@@ -228,59 +324,116 @@ extension FerryBench {
         }
         let proxy = try FaultProxy(upstream: port)
         defer { proxy.close() }
+        var injected: [String] = []
+        var deadAddressNext = false, timedFaults = 0
+        // Faults so far: the timed ones and the patterns the proxy has seen.
+        func faultEvents() -> Int { timedFaults + proxy.fired.count }
+        func inject(_ f: SoakFault) {
+            injected.append(f.label)
+            if f.point == nil { timedFaults += 1 }
+            let action: FaultProxy.Action = ["reset": .reset, "blackhole": .blackhole, "stall": .stall][f.kind] ?? .corrupt
+            if let name = f.point, let (pattern, direction) = SoakFault.points[name] {
+                proxy.on(direction, pattern: pattern, action) // when those bytes next pass
+                return
+            }
+            switch f.kind {
+            case "reset": proxy.reset()
+            case "blackhole": proxy.set(.blackhole)
+            case "stall": proxy.set(.stall)
+            case "corrupt": proxy.on(f.toSource ? .toSource : .toDestination, pattern: [], .corrupt) // the next bytes
+            case "pause": _ = try? src.qmp.execute("migrate-pause")
+            case "dead-address": deadAddressNext = true
+            default: break
+            }
+        }
+        var pending = plan.faults[...]
+        // A precopy switch-over's fault waits for its bytes from the start.
+        if let f = pending.first, f.at == "switchover", plan.mode == "precopy" { inject(f); pending.removeFirst() }
         _ = src.qmp.takeEvents()
         try src.qmp.execute("migrate", ["uri": proxy.uri])
         let start = Sys.monotonicNanos()
         func ms() -> Int { Int(Sys.nanosSince(start) / 1_000_000) }
         var statuses: [String] = []
-        var postcopyAt: Int?, injected = false, deadTried = false, lastRecovery = -10_000
+        var postcopyAt: Int?, activeSince: Int?, healedAt: Int?, lastRecovery = -10_000
+        var outageSince: Int?, outageFaults = 0, healed = false, holdMs = 0
+        var outageCPU = ((total: 0, vcpus: 0, qmp: 0), (total: 0, vcpus: 0, qmp: 0))
+        var paused: [SoakPausedCPU] = []
         var info: [String: Any] = [:]
+        func statusOf(_ p: FerryProcess) -> String? { (try? p.qmp.execute("query-migrate") as? [String: Any])?["status"] as? String }
         while true {
             info = try src.qmp.execute("query-migrate") as? [String: Any] ?? [:]
             let status = info["status"] as? String ?? "?"
             if statuses.last != status { statuses.append(status) }
             if ["completed", "failed", "cancelled"].contains(status) { break }
             if ms() > 180_000 { break }
+            let next = pending.first
             // A fault meant for precopy lands before the switch to postcopy.
-            if post && postcopyAt == nil && status == "active" && ms() >= (plan.fault.hasSuffix("precopy") ? plan.faultAfterMs + 300 : 300) {
+            if post && postcopyAt == nil && status == "active" && ms() >= (next?.at == "precopy" ? next!.afterMs + 300 : 300) {
+                let atSwitch = next?.at == "switchover" ? pending.removeFirst() : nil
+                if let f = atSwitch, f.point != nil { inject(f) }
                 try src.qmp.execute("migrate-start-postcopy")
                 postcopyAt = ms()
+                if let f = atSwitch, f.point == nil { usleep(UInt32(f.afterMs * 1000)); inject(f) }
             }
-            let inPostcopy = status.hasPrefix("postcopy")
-            let due = plan.fault.hasSuffix("precopy") ? status == "active" && ms() >= plan.faultAfterMs
-                : inPostcopy && postcopyAt.map { ms() - $0 >= plan.faultAfterMs } ?? false
-            if !injected && plan.fault != "none" && due {
-                injected = true
-                switch plan.fault {
-                case "reset-precopy", "reset-postcopy", "dead-address-first": proxy.reset()
-                case "blackhole-precopy", "blackhole-postcopy": proxy.set(.blackhole)
-                case "pause": _ = try? src.qmp.execute("migrate-pause")
-                default: break
+            activeSince = status == "postcopy-active" ? activeSince ?? ms() : nil
+            if let f = next {
+                let due = f.at == "precopy" ? status == "active" && ms() >= f.afterMs
+                    : f.at == "postcopy" ? activeSince.map { ms() - $0 >= f.afterMs } ?? false
+                    : f.at == "recovery" && f.point == nil ? healedAt.map { ms() - $0 >= f.afterMs } ?? false : false
+                if due { inject(f); pending.removeFirst(); if f.at == "recovery" { healedAt = nil } }
+            }
+            // An outage: from both sides paused (a fault, or a link that timed out under load;
+            // a destination that never ran the guest has failed and refuses recovery) to
+            // postcopy-active again. After the fault's hold the link heals; a fault that fires
+            // during the recovery starts a new outage. By hand, recovery is asked for every
+            // 1.5 s while the source sits paused.
+            let recovering = ["postcopy-paused", "postcopy-recover-setup", "postcopy-recover"].contains(status)
+            if !recovering || faultEvents() != outageFaults { outageSince = nil; healed = false }
+            guard recovering else { usleep(10_000); continue }
+            let d = statusOf(dst) ?? "?"
+            let dstWaits = d == "postcopy-paused" || d == "failed"
+            if outageSince == nil, status == "postcopy-paused", dstWaits {
+                outageSince = ms()
+                outageFaults = faultEvents()
+                outageCPU = (processCPUMs(src.pid), processCPUMs(dst.pid))
+                holdMs = injected.isEmpty ? 0 : plan.faults[injected.count - 1].holdMs
+            }
+            guard let since = outageSince else { usleep(10_000); continue }
+            if !healed && ms() - since >= holdMs {
+                healed = true
+                if holdMs >= 200 {
+                    let s1 = processCPUMs(src.pid), d1 = processCPUMs(dst.pid)
+                    let (s0, d0) = outageCPU
+                    paused.append(SoakPausedCPU(holdMs: ms() - since, sourceCPUMs: (s1.total - s1.vcpus - s1.qmp) - (s0.total - s0.vcpus - s0.qmp),
+                                                destinationCPUMs: (d1.total - d1.vcpus - d1.qmp) - (d0.total - d0.vcpus - d0.qmp),
+                                                qmpCPUMs: s1.qmp - s0.qmp + d1.qmp - d0.qmp, destinationVCPUMs: d1.vcpus - d0.vcpus))
                 }
-            }
-            // Both paused (the fault, or a link that timed out under load): heal, and with
-            // recovery by hand ask for it again every 1.5 s until it takes.
-            if status == "postcopy-paused", ms() - lastRecovery >= 1500,
-               (try? dst.qmp.execute("query-migrate") as? [String: Any])?["status"] as? String == "postcopy-paused" {
                 proxy.set(.pass)
-                if !plan.autoRecover {
-                    _ = try? dst.qmp.execute("migrate-recover", ["uri": "tcp:127.0.0.1:\(port)"])
-                    if plan.fault == "dead-address-first" && !deadTried {
-                        deadTried = true
-                        _ = try? src.qmp.execute("migrate", ["uri": "tcp:127.0.0.1:1", "resume": true])
-                        // The attempt fails (nobody listens there): paused again, then the real one.
-                        _ = waitFor(seconds: 10) { (try? src.qmp.execute("query-migrate") as? [String: Any])?["status"] as? String == "postcopy-paused" }
-                    }
-                    _ = try? src.qmp.execute("migrate", ["uri": proxy.uri, "resume": true])
+                // A fault during the recovery: a pattern waits for its bytes, a timed one counts from now.
+                if let f = pending.first, f.at == "recovery" {
+                    if f.point != nil || f.kind == "dead-address" { inject(f); pending.removeFirst() } else { healedAt = ms() }
+                    outageFaults = faultEvents()
                 }
+            }
+            if healed, !plan.autoRecover, status == "postcopy-paused", dstWaits, ms() - lastRecovery >= 1500 {
+                if d == "postcopy-paused" { _ = try? dst.qmp.execute("migrate-recover", ["uri": "tcp:127.0.0.1:\(port)"]) }
+                if deadAddressNext {
+                    deadAddressNext = false
+                    _ = try? src.qmp.execute("migrate", ["uri": "tcp:127.0.0.1:1", "resume": true])
+                    // The attempt fails (nobody listens there): paused again, then the real one.
+                    _ = waitFor(seconds: 10) { statusOf(src) == "postcopy-paused" }
+                }
+                _ = try? src.qmp.execute("migrate", ["uri": proxy.uri, "resume": true])
                 lastRecovery = ms()
             }
             usleep(10_000)
         }
+        proxy.set(.pass)
         let status = info["status"] as? String ?? "?"
         let pauses = qmpNumber((info["x-postcopy-recovery"] as? [String: Any])?["pauses"])
-        var m = SoakMigration(index: i, plan: plan, outcome: "lost", statuses: statuses, pauses: pauses,
-                              totalMs: qmpNumber(info["total-time"]), memoryCheck: "-", detail: info["error-desc"] as? String)
+        var m = SoakMigration(index: i, plan: plan, outcome: "lost", statuses: statuses, injected: injected, proxyFired: proxy.fired,
+                              pauses: pauses, paused: paused, totalMs: qmpNumber(info["total-time"]), memoryCheck: "-",
+                              detail: info["error-desc"] as? String)
         if status == "completed" {
             _ = waitFor(seconds: 30) { (try? dst.qmp.execute("query-migrate") as? [String: Any])?["status"] as? String == "completed" }
             let before = dst.serialBytes
@@ -290,15 +443,19 @@ extension FerryBench {
             m.memoryCheck = r.passed ? "passed" : r.description
             m.outcome = r.passed ? "completed" : "lost"
             if !r.passed { m.detail = "destination memory check: \(r.description)" }
-        } else if status == "failed" && !statuses.contains(where: { $0.hasPrefix("postcopy") }) {
+        } else if status == "failed" {
+            // Before postcopy, or a switch-over the destination never finished (it said so):
+            // the guest runs on here, and must never run there.
             let run = (try? src.qmp.execute("query-status") as? [String: Any])?["status"] as? String
+            let there = (try? dst.qmp.execute("query-status") as? [String: Any])?["status"] as? String
             let before = src.serialBytes
             let counting = src.waitForSerial(before + 1, seconds: 30)
             let r = try src.checkMemory(guest, scratch: "\(work)/ram-\(i).bin")
             try src.qmp.execute("cont")
             m.memoryCheck = r.passed ? "passed" : r.description
-            m.outcome = run == "running" && counting && r.passed ? "precopy-failed-source-intact" : "lost"
-            if m.outcome == "lost" { m.detail = "source after a precopy failure: \(run ?? "?"), counting \(counting), \(r.description)" }
+            let kind = statuses.contains { $0.hasPrefix("postcopy") } ? "switchover" : "precopy"
+            m.outcome = run == "running" && there != "running" && counting && r.passed ? "\(kind)-failed-source-intact" : "lost"
+            if m.outcome == "lost" { m.detail = "source after a \(kind) failure: \(run ?? "?") (destination \(there ?? "gone")), counting \(counting), \(r.description)" }
         } else {
             m.detail = "ended \(status) after \(statuses.joined(separator: " → ")): \(m.detail ?? "")"
         }
@@ -323,7 +480,7 @@ extension FerryBench {
         md += "| outcome | migrations |\n|---|---|\n"
         for (k, v) in outcomes.sorted(by: { $0.key < $1.key }) { md += "| \(k) | \(v) |\n" }
         var kinds: [String: Int] = [:]
-        for m in r.migrations { kinds["\(m.plan.mode) / \(m.plan.fault)", default: 0] += 1 }
+        for m in r.migrations { kinds["\(m.plan.mode) / \(m.plan.faults.count) fault\(m.plan.faults.count == 1 ? "" : "s")", default: 0] += 1 }
         md += "\n| mode / fault | migrations |\n|---|---|\n"
         for (k, v) in kinds.sorted(by: { $0.key < $1.key }) { md += "| \(k) | \(v) |\n" }
         md += "\nPer process (each lives for at most two migrations as source and destination, longer after precopy failures), sampled as the source before each migration and as the destination after it:\n\n"

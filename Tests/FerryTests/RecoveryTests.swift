@@ -5,18 +5,6 @@ import FerryWire
 import Glibc
 import Testing
 
-/// Byte patterns the fault proxy watches for, to fail the link at a chosen protocol point.
-enum WirePoint {
-    /// PONG 0x42: the destination's guest has just started (switchover).
-    static let guestStarted: [UInt8] = [0, 2, 0, 4, 0, 0, 0, 0x42]
-    /// The return-path RECV_BITMAP header for pc.ram (bitmap sync).
-    static let bitmapReply: [UInt8] = [0, 5, 0, 7, 6] + Array("pc.ram".utf8)
-    /// The POSTCOPY_RESUME command (resume handshake).
-    static let resumeCommand: [UInt8] = [8, 0, 9, 0, 0]
-    /// RESUME_ACK(1): the destination is active again, the source does not know yet.
-    static let resumeAck: [UInt8] = [0, 6, 0, 4, 0, 0, 0, 1]
-}
-
 /// A source and destination joined through a fault-injecting TCP proxy.
 struct ProxiedPair {
     let pair: Pair
@@ -268,7 +256,7 @@ struct RecoveryTests {
     @Test("the link dies with the postcopy package in flight: the destination never ran the guest, so the source learns it on recovery and runs it again")
     func packageLost() throws {
         let p = try ProxiedPair()
-        p.proxy.on(.toDestination, pattern: [8, 0, 7, 0, 4], .reset) // the PACKAGED command
+        p.proxy.on(.toDestination, pattern: WirePoint.packaged, .reset)
         try p.startPostcopy()
         #expect(p.destination.waitForMigration(seconds: scaled(10)) == .failed)
         #expect(p.source.waitForMigration(seconds: scaled(20)) == .failed, "source: \(p.source.queryMigrate().status)")

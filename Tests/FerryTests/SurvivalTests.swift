@@ -306,7 +306,7 @@ struct SurvivalTests {
         failing.source.stop()
         let t2 = try failing.listen()
         let proxy = try FaultProxy(upstream: { if case let .tcp(_, p) = try MigrationURI(t2) { return p }; return 0 }())
-        proxy.on(.toDestination, pattern: [3] + Array("cpu".utf8) + [0, 0, 0, 0], .reset) // at the switch-over: section "cpu" instance 0
+        proxy.on(.toDestination, pattern: WirePoint.cpuSection, .reset) // at the switch-over
         try failing.source.migrate(uri: proxy.uri)
         #expect(failing.source.waitForMigration(seconds: scaled(30)) == .failed)
         #expect(failing.source.runState == .paused, "a VM stopped before the migration must stay stopped")

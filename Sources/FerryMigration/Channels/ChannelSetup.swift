@@ -22,7 +22,8 @@ enum ChannelSetup {
     /// Connects (with TLS when `tls` is set) and configures a source-side channel.
     static func connect(_ uri: MigrationURI, role: Role, tls: ChannelSecurity?, heartbeatTimeoutMs: UInt64,
                         isCancelled: () -> Bool = { false }) throws -> MigrationChannel {
-        let ch = try Transport.connect(uri, tls: tls, isCancelled: isCancelled)
+        let ch = try Transport.connect(uri, tls: tls, handshakeTimeoutMs: ChannelSecurity.handshakeTimeoutMs(heartbeatTimeoutMs: heartbeatTimeoutMs),
+                                       isCancelled: isCancelled)
         configure(ch, role: role, heartbeatTimeoutMs: heartbeatTimeoutMs)
         return ch
     }
@@ -51,7 +52,7 @@ enum ChannelSetup {
                     guard left > 0, listener.waitForConnection(timeoutMs: left) else {
                         throw MigrationError(.timeout, "the source opened \(byID.count) of \(count) multifd channels (multifd-channels is \(count) here)")
                     }
-                    ch = try listener.accept()
+                    ch = try listener.accept(handshakeTimeoutMs: ChannelSecurity.handshakeTimeoutMs(heartbeatTimeoutMs: heartbeatTimeoutMs))
                 }
                 ch.readTimeoutMs = max(1, Int32(clamping: left))
                 let initial: MultiFD.Initial
@@ -92,7 +93,7 @@ enum ChannelSetup {
                 throw MigrationError(.timeout, "the source did not open the postcopy-preempt channel")
             }
         }
-        let ch = try listener.accept()
+        let ch = try listener.accept(handshakeTimeoutMs: ChannelSecurity.handshakeTimeoutMs(heartbeatTimeoutMs: heartbeatTimeoutMs))
         configure(ch, role: role, heartbeatTimeoutMs: heartbeatTimeoutMs)
         return ch
     }

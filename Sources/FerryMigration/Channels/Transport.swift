@@ -10,8 +10,17 @@ public struct ChannelSecurity: Sendable {
     public init(credentials: TLSCredentials, hostname: String?) {
         self.credentials = credentials; self.hostname = hostname
     }
-    /// How long a TLS handshake may take before the connection counts as failed.
-    static let handshakeTimeoutMs: Int32 = 10_000
+    /// How long a TLS handshake may take before the connection counts as failed, when no
+    /// heartbeat bounds a link's silence.
+    public static let handshakeTimeoutMs: Int32 = 10_000
+
+    /// With a heartbeat, a handshake gets twice its silence bound (at least 1 s, at most the
+    /// default): a recovery attempt whose bytes a dead link swallowed fails as soon as the
+    /// heartbeat would call the link dead, and the next attempt (or, on the destination, the
+    /// next connection: it accepts one at a time) follows a link that came back.
+    static func handshakeTimeoutMs(heartbeatTimeoutMs: UInt64) -> Int32 {
+        heartbeatTimeoutMs == 0 ? handshakeTimeoutMs : Int32(clamping: min(max(2 * heartbeatTimeoutMs, 1000), UInt64(handshakeTimeoutMs)))
+    }
 }
 
 /// A migration address as QEMU spells it: `tcp:HOST:PORT`, `unix:PATH`, `exec:COMMAND`,
@@ -99,14 +108,15 @@ enum Socket {
 public enum Transport {
     /// Opens the outgoing channel for `uri`; with `tls`, completes a TLS handshake on it first.
     /// `isCancelled` is polled while waiting for a reader of a `file:` FIFO.
-    public static func connect(_ uri: MigrationURI, tls: ChannelSecurity? = nil, isCancelled: () -> Bool = { false }) throws -> MigrationChannel {
+    public static func connect(_ uri: MigrationURI, tls: ChannelSecurity? = nil, handshakeTimeoutMs: Int32 = ChannelSecurity.handshakeTimeoutMs,
+                               isCancelled: () -> Bool = { false }) throws -> MigrationChannel {
         if let tls {
             guard uri.isBidirectional else { throw MigrationError(.config, "TLS needs a tcp: or unix: migration address, not \(uri)") }
             let ch = try connect(uri)
             var name = tls.hostname
             if name == nil, case let .tcp(host, _) = uri { name = host }
             do {
-                ch.attach(try TLSSession.client(fd: ch.fd, credentials: tls.credentials, expectedName: name, timeoutMs: ChannelSecurity.handshakeTimeoutMs))
+                ch.attach(try TLSSession.client(fd: ch.fd, credentials: tls.credentials, expectedName: name, timeoutMs: handshakeTimeoutMs))
             } catch {
                 ch.close()
                 throw MigrationError(.tls, "TLS with \(uri) failed", cause: error)
@@ -225,18 +235,18 @@ public final class MigrationListener: @unchecked Sendable {
     /// Blocks until a peer connects (or, for exec/file, opens the source of the stream).
     /// With TLS, the handshake completes here; a peer that fails it (a plain client, a
     /// certificate we do not trust) is an error of code `.tls`, and the listener stays open.
-    public func accept() throws -> MigrationChannel {
+    public func accept(handshakeTimeoutMs: Int32 = ChannelSecurity.handshakeTimeoutMs) throws -> MigrationChannel {
         let ch = try acceptRaw()
-        try secure(ch)
+        try secure(ch, handshakeTimeoutMs: handshakeTimeoutMs)
         return ch
     }
 
     /// With credentials, completes the server side of a TLS handshake on an accepted
     /// channel; a peer that fails it is an error of code `.tls` (the channel is closed).
-    public func secure(_ ch: MigrationChannel) throws {
+    public func secure(_ ch: MigrationChannel, handshakeTimeoutMs: Int32 = ChannelSecurity.handshakeTimeoutMs) throws {
         guard let tls else { return }
         do {
-            ch.attach(try TLSSession.server(fd: ch.fd, credentials: tls, timeoutMs: ChannelSecurity.handshakeTimeoutMs))
+            ch.attach(try TLSSession.server(fd: ch.fd, credentials: tls, timeoutMs: handshakeTimeoutMs))
         } catch {
             ch.close()
             throw MigrationError(.tls, "refused a connection on \(uri)", cause: error)
