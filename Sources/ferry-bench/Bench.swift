@@ -19,7 +19,7 @@ struct FerryBench: ParsableCommand {
     @Option(help: "Only scenarios whose name contains this.")
     var filter: String?
 
-    @Option(help: "Suites to run: precopy, postcopy, recovery, compare (Ferry beside QEMU), tls (the cost of TLS), smp (postcopy by vCPU count), soak (migrations back and forth with random failures); comma-separated.")
+    @Option(help: "Suites to run: precopy, postcopy, recovery, compare (Ferry beside QEMU), tls (the cost of TLS), smp (postcopy by vCPU count), soak (migrations back and forth with random failures), soak-report (soak.md and its chart again from soak.json in --output); comma-separated.")
     var suites = "precopy,postcopy,recovery"
 
     @Option(help: "soak: how many migrations.")
@@ -43,6 +43,7 @@ struct FerryBench: ParsableCommand {
         if wanted.contains("compare") { try runComparison() }
         if wanted.contains("tls") { try runTLSSuite() }
         if wanted.contains("soak") { try runSoak() }
+        if wanted.contains("soak-report") { try rewriteSoakReport() }
     }
 
     func runPrecopySuite() throws {

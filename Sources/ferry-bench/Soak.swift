@@ -146,6 +146,7 @@ struct SoakSample: Codable, Sendable {
 
 struct SoakReport: Codable, Sendable {
     var seed: UInt64
+    var vcpus: Int?
     var migrations: [SoakMigration]
     var samples: [SoakSample]
     var qmpClientSessions: Int
@@ -289,7 +290,7 @@ extension FerryBench {
                 print("soak: migration \(i) LOST the guest (seed \(seed)): \(m.detail ?? "")")
                 churn.stop()
                 source.terminate(); destination.terminate()
-                try writeSoak(SoakReport(seed: seed, migrations: done, samples: samples, qmpClientSessions: churn.counts.sessions, floodQueries: churn.counts.floods))
+                try writeSoak(SoakReport(seed: seed, vcpus: vcpus, migrations: done, samples: samples, qmpClientSessions: churn.counts.sessions, floodQueries: churn.counts.floods))
                 throw HarnessError("soak: guest lost at migration \(i) (seed \(seed)): \(m.detail ?? "")")
             }
             m.detail = m.detail.map { String($0.prefix(300)) }
@@ -301,7 +302,7 @@ extension FerryBench {
         churn.stop()
         source.terminate()
         let c = churn.counts
-        try writeSoak(SoakReport(seed: seed, migrations: done, samples: samples, qmpClientSessions: c.sessions, floodQueries: c.floods))
+        try writeSoak(SoakReport(seed: seed, vcpus: vcpus, migrations: done, samples: samples, qmpClientSessions: c.sessions, floodQueries: c.floods))
     }
 
     /// One migration of the soak, its fault and its recovery; the outcome and the memory check.
@@ -468,21 +469,53 @@ extension FerryBench {
         return cond()
     }
 
-    private func writeSoak(_ r: SoakReport) throws {
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        try enc.encode(r).write(to: URL(fileURLWithPath: "\(output)/soak.json"))
+    /// `--suites soak-report`: the Markdown and the chart again from `soak.json` in `output`.
+    func rewriteSoakReport() throws {
+        let r = try JSONDecoder().decode(SoakReport.self, from: Data(contentsOf: URL(fileURLWithPath: "\(output)/soak.json")))
+        try writeSoak(r, json: false)
+    }
+
+    private func writeSoak(_ r: SoakReport, json: Bool = true) throws {
+        if json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try enc.encode(r).write(to: URL(fileURLWithPath: "\(output)/soak.json"))
+        }
         var outcomes: [String: Int] = [:]
         for m in r.migrations { outcomes[m.outcome, default: 0] += 1 }
         var md = "# Soak (`ferry-bench --suites soak --migrations \(r.migrations.count) --seed \(r.seed)`)\n\n"
-        md += "One 64 MiB test guest migrated back and forth; each migration's mode, TLS, fault and recovery drawn from the seed. "
+        md += "One 64 MiB, \(r.vcpus.map { "\($0)-vCPU" } ?? "1-vCPU") test guest migrated back and forth; each migration's mode, TLS, faults and recovery drawn from the seed. "
         md += "QMP client sessions meanwhile: \(r.qmpClientSessions) (a third of them leave mid-command); flooding query-migrate: \(r.floodQueries).\n\n"
         md += "| outcome | migrations |\n|---|---|\n"
         for (k, v) in outcomes.sorted(by: { $0.key < $1.key }) { md += "| \(k) | \(v) |\n" }
         var kinds: [String: Int] = [:]
-        for m in r.migrations { kinds["\(m.plan.mode) / \(m.plan.faults.count) fault\(m.plan.faults.count == 1 ? "" : "s")", default: 0] += 1 }
-        md += "\n| mode / fault | migrations |\n|---|---|\n"
+        for m in r.migrations { kinds["\(m.plan.mode)\(m.plan.tls ? " + TLS" : "") / \(m.plan.faults.count) fault\(m.plan.faults.count == 1 ? "" : "s")", default: 0] += 1 }
+        md += "\n| mode / faults drawn | migrations |\n|---|---|\n"
         for (k, v) in kinds.sorted(by: { $0.key < $1.key }) { md += "| \(k) | \(v) |\n" }
+        // A pattern fault is armed, and fires only if its bytes pass before the migration ends.
+        var faults: [String: (injected: Int, outcomes: [String: Int])] = [:]
+        for m in r.migrations {
+            for f in m.injected { faults[f, default: (0, [:])].injected += 1; faults[f]!.outcomes[m.outcome, default: 0] += 1 }
+        }
+        md += "\nFaults (kind@phase, /protocol point on a plain link; a point's fault fires when its bytes pass; proxy actions fired in all: \(r.migrations.map(\.proxyFired.count).reduce(0, +))):\n\n"
+        md += "| fault | injected or armed | migrations' outcomes |\n|---|---|---|\n"
+        for (k, v) in faults.sorted(by: { $0.key < $1.key }) {
+            md += "| \(k) | \(v.injected) | \(v.outcomes.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")) |\n"
+        }
+        let holds = r.migrations.flatMap(\.paused)
+        if !holds.isEmpty {
+            let wall = Double(holds.map(\.holdMs).reduce(0, +))
+            func share(_ k: KeyPath<SoakPausedCPU, Int>) -> String {
+                let v = holds.map { $0[keyPath: k] }
+                return String(format: "%d ms (%.1f %%), most in one outage %d ms", v.reduce(0, +), 100 * Double(v.reduce(0, +)) / wall, v.max()!)
+            }
+            md += "\nCPU time while both sides were paused with the link down (\(holds.count) outages of 200 ms or more, \(Int(wall)) ms in all):\n\n"
+            md += "| threads | CPU time |\n|---|---|\n"
+            md += "| source: migration, main and short QMP sessions | \(share(\.sourceCPUMs)) |\n"
+            md += "| destination: migration, main and short QMP sessions | \(share(\.destinationCPUMs)) |\n"
+            md += "| both: the live QMP sessions (the flooding client's answers) | \(share(\.qmpCPUMs)) |\n"
+            md += "| destination vCPUs (the guest runs on its pages) | \(share(\.destinationVCPUMs)) |\n"
+        }
         md += "\nPer process (each lives for at most two migrations as source and destination, longer after precopy failures), sampled as the source before each migration and as the destination after it:\n\n"
         md += "| role | fds min-max | threads min-max | RSS MiB min-max |\n|---|---|---|---|\n"
         for role in ["source", "destination"] {

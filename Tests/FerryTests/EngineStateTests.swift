@@ -28,6 +28,10 @@ struct EngineStateTests {
             #expect(p.next(.cancel) == nil, "\(p) cancelled")
             #expect(p.next(.destinationNeverRan) == .failed)
         }
+        for p in SourcePhase.allCases where !p.guestSplit {
+            // Found by the soak: a SHUT(1) in precopy left the source "active" with no thread.
+            #expect(p.next(.destinationNeverRan) == p.next(.failure), "\(p): the destination never ran it before the split either")
+        }
         #expect(SourcePhase.packageSending.next(.cancel) == nil, "cancel once the package is on its way")
         #expect(SourcePhase.packageSending.next(.failure) == .failed, "a package that did not go out whole")
         #expect(SourcePhase.postcopySwitchover.next(.cancel) == .cancelling)

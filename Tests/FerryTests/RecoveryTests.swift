@@ -253,6 +253,26 @@ struct RecoveryTests {
         p.expectCompleted()
     }
 
+    @Test("a destination that fails at the postcopy switch-over before the package (a corrupted discard PING) never ran the guest: the source fails, its guest runs on, memory intact")
+    func destinationFailsBeforePackage() throws {
+        let p = try ProxiedPair()
+        // The PING after the discards sent before the stop ("FDIS"): a framing byte flipped.
+        p.proxy.on(.toDestination, pattern: [8, 0, 2, 0, 4] + Array("FDIS".utf8), .corrupt)
+        try p.startPostcopy()
+        #expect(p.destination.waitForMigration(seconds: scaled(20)) == .failed)
+        // Found by the soak: the source's SHUT(1) → "never ran" had no transition before the
+        // split, and the source stayed "active" with no migration thread left.
+        #expect(p.source.waitForMigration(seconds: scaled(20)) == .failed, "source: \(p.source.queryMigrate().status)")
+        #expect(p.proxy.fired == ["corrupt toDestination"])
+        #expect(!p.sourceStatuses.values.contains { $0.isPostcopy })
+        #expect(p.source.runState == .running)
+        #expect(waitForPasses(p.source.machine, 2), "the source guest runs on")
+        p.source.machine.pause()
+        #expect(checkMemory(p.source.machine).passed)
+        p.source.machine.resume()
+        #expect(p.destination.runState != .running)
+    }
+
     @Test("the link dies with the postcopy package in flight: the destination never ran the guest, so the source learns it on recovery and runs it again")
     func packageLost() throws {
         let p = try ProxiedPair()

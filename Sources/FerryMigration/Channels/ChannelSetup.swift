@@ -86,11 +86,17 @@ enum ChannelSetup {
         return (0..<count).map { byID[$0]! }
     }
 
-    /// Accepts (with the listener's TLS) and configures a destination-side channel.
-    static func accept(on listener: MigrationListener, role: Role, heartbeatTimeoutMs: UInt64) throws -> MigrationChannel {
+    /// Accepts (with the listener's TLS) and configures a destination-side channel. The
+    /// urgent channel is waited for up to `urgentAcceptTimeoutMs`, or until `isAbandoned`.
+    static func accept(on listener: MigrationListener, role: Role, heartbeatTimeoutMs: UInt64,
+                       isAbandoned: () -> Bool = { false }) throws -> MigrationChannel {
         if role == .urgent {
-            guard listener.waitForConnection(timeoutMs: urgentAcceptTimeoutMs) else {
-                throw MigrationError(.timeout, "the source did not open the postcopy-preempt channel")
+            let deadline = Sys.monotonicNanos() + UInt64(urgentAcceptTimeoutMs) * 1_000_000
+            while !listener.waitForConnection(timeoutMs: 50) {
+                if isAbandoned() { throw MigrationError(.cancelled, "the postcopy-preempt channel is no longer awaited") }
+                guard Sys.monotonicNanos() < deadline else {
+                    throw MigrationError(.timeout, "the source did not open the postcopy-preempt channel")
+                }
             }
         }
         let ch = try listener.accept(handshakeTimeoutMs: ChannelSecurity.handshakeTimeoutMs(heartbeatTimeoutMs: heartbeatTimeoutMs))

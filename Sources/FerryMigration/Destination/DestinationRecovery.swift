@@ -51,7 +51,11 @@ extension IncomingMigration {
                 updateStats { $0.bitmapBytes += UInt64(bits.count + 16) }
             case .command(.postcopyResume):
                 if capabilities.contains(.postcopyPreempt) {
-                    try acceptUrgentChannel(on: lock.withLock { recoveryListener } ?? listener, uffd: installer.uffd)
+                    // Accepted since the main channel came (see pauseAndWaitForRecovery).
+                    let inFlight: ChannelInFlight? = lock.withLock { defer { urgentInFlight = nil }; return urgentInFlight }
+                    let pc = try inFlight?.take() ?? ChannelSetup.accept(on: lock.withLock { recoveryListener } ?? listener, role: .urgent,
+                                                                        heartbeatTimeoutMs: host.parameters.heartbeatTimeout)
+                    try startUrgentReader(pc, uffd: installer.uffd)
                 }
                 returnPath.send { $0.rpResumeAck() }
                 try advance(.resumed)
@@ -88,7 +92,7 @@ extension IncomingMigration {
     /// Shuts and closes the main and urgent channels and joins the urgent reader.
     func closeChannels() {
         let (ch, pc, t): (MigrationChannel?, MigrationChannel?, KernelThread?) = lock.withLock {
-            defer { channel = nil; urgentChannel = nil; urgentThread = nil }
+            defer { channel = nil; urgentChannel = nil; urgentThread = nil; urgentInFlight?.abandon(); urgentInFlight = nil }
             // `transferred` stays cumulative across recoveries.
             retiredBytes += (channel?.bytesRead ?? 0) + (urgentChannel?.bytesRead ?? 0)
             return (channel, urgentChannel, urgentThread)
@@ -128,7 +132,13 @@ extension IncomingMigration {
                 continue
             }
             returnPath.attach(ch)
+            // With preempt, the source opens the new urgent channel now too: accept it (and
+            // run its TLS handshake) while the main channel exchanges the bitmap.
+            let urgent = capabilities.contains(.postcopyPreempt) ? try? ChannelInFlight(name: "mig/dst/urgent") { [self] abandoned in
+                try ChannelSetup.accept(on: l, role: .urgent, heartbeatTimeoutMs: host.parameters.heartbeatTimeout, isAbandoned: abandoned)
+            } : nil
             _ = try? advance(.recoveryConnected) { // legal: paused is the only phase here
+                self.urgentInFlight = urgent
                 if let t = ch.tlsDescription { $0.tls = t }
                 $0.recoveryAttempts += 1
                 self.channel = ch

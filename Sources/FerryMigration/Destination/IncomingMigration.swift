@@ -18,7 +18,7 @@ import Glibc
 ///
 /// Ownership of the mutable fields:
 /// - guarded by `lock`: `phase`, `_stats`, `_capabilities`, `channel`, `urgentChannel`,
-///   `urgentThread`, `faultService`, `recoveryListener`, `recoverTriggered`, `pauseRequested`,
+///   `urgentThread`, `urgentInFlight`, `faultService`, `recoveryListener`, `recoverTriggered`, `pauseRequested`,
 ///   `multifd` (set by `mig/dst/main`, which reads it without the lock);
 /// - `mig/dst/main` only: `postcopyAdvised`, `switchoverTimeline`;
 /// - `returnPath` serialises its writers itself; `received` / `requested` are atomic bitmaps;
@@ -51,6 +51,8 @@ final class IncomingMigration: @unchecked Sendable {
     var channel: MigrationChannel?
     var urgentChannel: MigrationChannel?
     var urgentThread: KernelThread?
+    /// A recovery's urgent channel, accepted from the main channel's arrival to POSTCOPY_RESUME.
+    var urgentInFlight: ChannelInFlight?
     /// With capability `multifd`: the channels precopy pages come on.
     var multifd: MultifdReceivers?
     /// Userfaultfd and its fault thread, from POSTCOPY_LISTEN on.

@@ -64,11 +64,14 @@ extension IncomingMigration {
         PageInstaller(uffd: uffd, memory: machine.memory, received: received, requested: requested, faults: faults)
     }
 
-    /// Accepts postcopy-preempt's urgent channel and starts its reader: RAM records only,
-    /// installed as they come. A broken urgent channel is a broken link: the main thread
-    /// is made to pause.
+    /// Accepts postcopy-preempt's urgent channel and starts its reader.
     func acceptUrgentChannel(on l: MigrationListener, uffd: Userfaultfd) throws {
-        let pc = try ChannelSetup.accept(on: l, role: .urgent, heartbeatTimeoutMs: host.parameters.heartbeatTimeout)
+        try startUrgentReader(try ChannelSetup.accept(on: l, role: .urgent, heartbeatTimeoutMs: host.parameters.heartbeatTimeout), uffd: uffd)
+    }
+
+    /// The urgent channel's reader: RAM records only, installed as they come. A broken
+    /// urgent channel is a broken link: the main thread is made to pause.
+    func startUrgentReader(_ pc: MigrationChannel, uffd: Userfaultfd) throws {
         let installer = pageInstaller(uffd)
         lock.withLock { urgentChannel = pc }
         let t = try KernelThread(name: "mig/dst/preempt") { [self] in

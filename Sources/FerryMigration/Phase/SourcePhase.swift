@@ -94,7 +94,8 @@ enum SourceEvent: Sendable, Equatable {
     /// (cancelled, if a cancel was under way) and the guest runs here again.
     case failure
     /// The destination said it never ran the guest (SHUT before its PONG, or in answer to
-    /// recovery): the only legal way out of a split phase other than completing.
+    /// recovery): the only legal way out of a split phase other than completing; before
+    /// the split, the same as `failure`.
     case destinationNeverRan
 }
 
@@ -119,6 +120,9 @@ extension SourcePhase {
         case (.setup, .failure), (.precopy, .failure), (.stopAndCopy, .failure), (.postcopySwitchover, .failure),
              (.packageSending, .failure): .failed
         case (let p, .destinationNeverRan) where p.guestSplit: .failed
+        // Before the split the destination's word that it never ran the guest (a postcopy
+        // destination that failed in precopy answers SHUT(1)) is an ordinary failure.
+        case (let p, .destinationNeverRan): p.next(.failure)
         default: nil
         }
     }

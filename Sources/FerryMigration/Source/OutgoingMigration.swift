@@ -335,13 +335,18 @@ final class OutgoingMigration: @unchecked Sendable {
         let reason = (error as? DestinationNeverRan)?.error ?? error
         // A bad return-path message shuts the channel: the write error that follows is a
         // symptom; the message is the reason.
-        _ = try? advance(neverRan ? .destinationNeverRan : .failure) { // legal from every phase that reaches here
-            $0.endNanos = Sys.monotonicNanos()
-            $0.postcopyRequests = requestCount
-            $0.transferred = sent
-            if !cancelled {
-                $0.errorDescription = peer.map { "the destination failed: \($0)" } ?? rp.map { "return path: \($0)" } ?? "\(reason)"
+        do {
+            try advance(neverRan ? .destinationNeverRan : .failure) { // legal from every phase that reaches here
+                $0.endNanos = Sys.monotonicNanos()
+                $0.postcopyRequests = requestCount
+                $0.transferred = sent
+                if !cancelled {
+                    $0.errorDescription = peer.map { "the destination failed: \($0)" } ?? rp.map { "return path: \($0)" } ?? "\(reason)"
+                }
             }
+        } catch {
+            // A table that refused it would leave the status stale with no thread behind it: say so.
+            MigrationLog.logger.error("internal error: no transition to failed: \(error) (after \(reason))", metadata: ["side": "source"])
         }
     }
 

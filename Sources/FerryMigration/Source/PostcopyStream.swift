@@ -123,7 +123,16 @@ extension OutgoingMigration {
 
     /// Connects postcopy-preempt's urgent channel and hands it to the return-path thread.
     func openUrgentChannel(_ target: MigrationURI) throws {
-        let pc = try ChannelSetup.connect(target, role: .urgent, tls: tls, heartbeatTimeoutMs: parameters.heartbeatTimeout)
+        useUrgentChannel(try connectUrgentChannel(target))
+    }
+
+    /// Connects postcopy-preempt's urgent channel (any thread).
+    func connectUrgentChannel(_ target: MigrationURI) throws -> MigrationChannel {
+        try ChannelSetup.connect(target, role: .urgent, tls: tls, heartbeatTimeoutMs: parameters.heartbeatTimeout)
+    }
+
+    /// Requested pages go on `pc` from now on.
+    func useUrgentChannel(_ pc: MigrationChannel) {
         lock.withLock { urgent = UrgentPageSender(channel: pc) }
     }
 

@@ -88,6 +88,13 @@ extension OutgoingMigration {
     /// RECV_BITMAP → the destination's received bitmap → "still to send" is its complement;
     /// POSTCOPY_RESUME; a new urgent channel; RESUME_ACK.
     private func resumeHandshake(_ ch: MigrationChannel, _ target: MigrationURI) throws {
+        // With preempt, the new urgent channel is opened (its TLS handshake too) while the
+        // bitmap goes back and forth; the destination accepts it from the main channel on.
+        let urgent = capabilities.contains(.postcopyPreempt) ? try ChannelInFlight(name: "mig/src/urgent") { [self] _ in
+            try connectUrgentChannel(target)
+        } : nil
+        var taken = false
+        defer { if !taken { urgent?.abandon() } }
         try startReturnPath(ch)
         header.removeAll()
         header.recvBitmapRequest(block: block.name)
@@ -112,9 +119,11 @@ extension OutgoingMigration {
         header.command(.postcopyResume)
         try ch.write(header)
         try ch.flush()
-        // The destination accepts the new urgent channel when it reads POSTCOPY_RESUME, and
-        // acks after: with TLS the channel's handshake needs that accept, so it comes second.
-        if capabilities.contains(.postcopyPreempt) { try openUrgentChannel(target) }
+        // The destination acks once it has the urgent channel too.
+        if let urgent {
+            taken = true
+            useUrgentChannel(try urgent.take())
+        }
         _ = try waitForDestination(seconds: 30, during: "recovery") { inbox.resumeAcked ? true : nil }
     }
 
