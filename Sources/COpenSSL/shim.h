@@ -22,13 +22,23 @@ static inline int ferry_ssl_ctx_set_min_tls13(SSL_CTX *ctx) {
 static inline void ferry_ssl_ctx_set_modes(SSL_CTX *ctx) {
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
-    // No session tickets: Ferry never resumes sessions, and a TLS 1.3 ticket arriving
-    // after the handshake is a post-handshake read a writer would otherwise wait on.
+    // No session tickets unless asked for (ferry_ssl_ctx_enable_resumption): a client
+    // reads a ticket as post-handshake data, which only a channel with a reader consumes.
     SSL_CTX_set_num_tickets(ctx, 0);
     // Bulk transfer: read several records per syscall, and prefer AES-128-GCM (as strong
     // as needed, a third cheaper than AES-256 on AES-NI).
     SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
+}
+
+/// Server: one TLS 1.3 ticket per handshake (written within the handshake), so a client
+/// that reconnects (a postcopy recovery, its urgent channel) resumes without certificates
+/// or signatures. The session id context is what lets a session that verified the client's
+/// certificate be resumed at all.
+static inline int ferry_ssl_ctx_enable_resumption(SSL_CTX *ctx) {
+    SSL_CTX_set_num_tickets(ctx, 1);
+    static const unsigned char context[] = "ferry-migration";
+    return SSL_CTX_set_session_id_context(ctx, context, sizeof(context) - 1);
 }
 
 static inline void ferry_ssl_ctx_require_peer_cert(SSL_CTX *ctx, int require) {

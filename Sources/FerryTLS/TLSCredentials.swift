@@ -38,7 +38,8 @@ public enum TLSEndpoint: String, Sendable { case client, server }
 /// `server-cert.pem` + `server-key.pem`; the client has `client-cert.pem` + `client-key.pem`,
 /// needed when the server verifies peers (QEMU's default). PSK: `dir/keys.psk` with lines
 /// `identity:hexkey`; the client uses `username` (default "qemu").
-/// Ownership: every field is immutable after init; the SSL_CTX is shared read-only.
+/// Ownership: every field but `sessions` is immutable after init, and the SSL_CTX is
+/// shared read-only; `sessions` is guarded by `sessionLock`.
 public final class TLSCredentials: @unchecked Sendable {
     public enum Kind: Sendable, Equatable { case x509(dir: String), psk(dir: String, username: String) }
     public let id: String
@@ -47,6 +48,10 @@ public final class TLSCredentials: @unchecked Sendable {
     public let verifyPeer: Bool
     /// Immutable once built; OpenSSL allows one SSL_CTX to serve many threads.
     let context: OpaquePointer
+    /// Client, x509: the last resumable session per name the server's certificate was
+    /// checked against (owned references, freed on replacement and in deinit).
+    private let sessionLock = Monitor()
+    private var sessions: [String: OpaquePointer] = [:]
 
     public var qomType: String {
         switch kind { case .x509: "tls-creds-x509"; case .psk: "tls-creds-psk" }
@@ -72,10 +77,31 @@ public final class TLSCredentials: @unchecked Sendable {
             ferry_ssl_ctx_free(ctx)
             throw error
         }
+        if case .x509 = kind, endpoint == .server { _ = ferry_ssl_ctx_enable_resumption(ctx) }
         context = ctx
     }
 
-    deinit { ferry_ssl_ctx_free(context) }
+    deinit {
+        for s in sessions.values { SSL_SESSION_free(s) }
+        ferry_ssl_ctx_free(context)
+    }
+
+    /// Keeps `ssl`'s session for the next connection to `name`, if the server sent a ticket
+    /// that this channel read (the main channel's reader does; write-only channels do not).
+    func rememberSession(of ssl: OpaquePointer, name: String) {
+        guard let s = SSL_get1_session(ssl) else { return }
+        guard SSL_SESSION_is_resumable(s) == 1 else { SSL_SESSION_free(s); return }
+        let old: OpaquePointer? = sessionLock.withLock { defer { sessions[name] = s }; return sessions[name] }
+        if let old { SSL_SESSION_free(old) }
+    }
+
+    /// Offers the session last kept for `name` (the server falls back to a full handshake if
+    /// it cannot resume it: another process, or an expired ticket).
+    func offerSession(to ssl: OpaquePointer, name: String) {
+        sessionLock.withLock {
+            if let s = sessions[name] { _ = SSL_set_session(ssl, s) }
+        }
+    }
 
     private static func readable(_ path: String) -> Bool { access(path, R_OK) == 0 }
 

@@ -14,9 +14,13 @@ public final class TLSSession: @unchecked Sendable {
     public let fd: Int32
     private let lock = Monitor()
     private var freed = false
+    /// Client, x509: the credentials and name its session is kept for when it is freed.
+    private var resumption: (credentials: TLSCredentials, name: String)?
     /// Negotiated protocol and cipher suite, e.g. "TLSv1.3" / "TLS_AES_256_GCM_SHA384".
     public private(set) var version = ""
     public private(set) var cipher = ""
+    /// The handshake resumed an earlier session (no certificates exchanged).
+    public private(set) var resumed = false
 
     private init(fd: Int32, credentials: TLSCredentials) throws {
         ERR_clear_error()
@@ -41,6 +45,7 @@ public final class TLSSession: @unchecked Sendable {
         lock.withLock {
             guard !freed else { return }
             freed = true
+            if let r = resumption { r.credentials.rememberSession(of: ssl, name: r.name) }
             SSL_free(ssl)
         }
     }
@@ -61,6 +66,9 @@ public final class TLSSession: @unchecked Sendable {
             let ok = isIP ? ferry_ssl_expect_ip(t.ssl, name) : SSL_set1_host(t.ssl, name)
             guard ok == 1 else { throw TLSError(.verify, "cannot expect the name \(name)", cause: TLSError.openSSLReason()) }
             if !isIP { _ = ferry_ssl_set_sni(t.ssl, name) }
+            // A reconnection to the same server (a recovery) skips certificates and signatures.
+            credentials.offerSession(to: t.ssl, name: name)
+            t.resumption = (credentials, name)
         }
         SSL_set_connect_state(t.ssl)
         try t.handshake(timeoutMs: timeoutMs, credentials: credentials)
@@ -111,6 +119,7 @@ public final class TLSSession: @unchecked Sendable {
         }
         version = String(cString: SSL_get_version(ssl))
         cipher = String(cString: ferry_ssl_cipher_name(ssl))
+        resumed = SSL_session_reused(ssl) == 1
     }
 
     /// Runs one OpenSSL call under the lock; returns its result and SSL_get_error's verdict.

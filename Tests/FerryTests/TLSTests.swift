@@ -75,6 +75,8 @@ struct TLSTests {
         #expect(waitUntil { p.source.queryMigrate().recoveries >= 2 || p.source.queryMigrate().status == .completed })
         p.expectCompleted()
         #expect(p.proxy.accepted >= 4)
+        // The recoveries' channels resumed the first TLS session: no certificates, no signatures.
+        #expect(p.source.queryMigrate().tls?.hasSuffix("resumed session") == true, "\(p.source.queryMigrate().tls ?? "no TLS")")
         #expect(!p.proxy.fired.contains { $0.hasPrefix("corrupt") }, "the stream's header crossed the wire in the clear: \(p.proxy.fired)")
         #expect(!p.sourceStatuses.values.contains(.failed) && !p.destinationStatuses.values.contains(.failed))
     }

@@ -106,6 +106,7 @@ enum ChannelSetup {
 }
 
 extension MigrationChannel {
-    /// "TLSv1.3 TLS_AES_128_GCM_SHA256" on a TLS channel, else nil (query-migrate's `x-tls`).
-    var tlsDescription: String? { tls.map { "\($0.version) \($0.cipher)" } }
+    /// "TLSv1.3 TLS_AES_128_GCM_SHA256" on a TLS channel (", resumed session" after a
+    /// reconnection that resumed one), else nil (query-migrate's `x-tls`).
+    var tlsDescription: String? { tls.map { "\($0.version) \($0.cipher)\($0.resumed ? ", resumed session" : "")" } }
 }
