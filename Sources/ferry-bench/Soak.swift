@@ -297,6 +297,7 @@ extension FerryBench {
             done.append(m)
             print(String(format: "soak %3d/%d  %-16@ %-5@ %@  %@ %5llu ms  pauses %llu  [%@] fired [%@]", i + 1, migrations, plan.mode, plan.tls ? "tls" : "plain",
                          plan.autoRecover ? "auto" : "hand", m.outcome, m.totalMs, m.pauses, m.injected.joined(separator: " "), m.proxyFired.joined(separator: ", ")))
+            fflush(nil)
             source = next
         }
         churn.stop()
