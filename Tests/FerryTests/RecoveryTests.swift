@@ -54,6 +54,17 @@ struct ProxiedPair {
         }
     }
 
+    /// A migration that failed before the destination ran the guest: it runs on here, its
+    /// memory intact, and never ran there.
+    func expectGuestStayedOnSource() {
+        #expect(source.runState == .running)
+        #expect(waitForPasses(source.machine, 2), "the source guest runs on")
+        source.machine.pause()
+        #expect(checkMemory(source.machine).passed)
+        source.machine.resume()
+        #expect(destination.runState != .running)
+    }
+
     func expectCompleted() {
         #expect(source.waitForMigration(seconds: scaled(120)) == .completed, "source: \(source.queryMigrate().status) \(source.queryMigrate().errorDescription ?? "")")
         #expect(destination.waitForMigration(seconds: scaled(30)) == .completed, "destination: \(destination.queryMigrate().status) \(destination.queryMigrate().errorDescription ?? "")")
@@ -265,12 +276,7 @@ struct RecoveryTests {
         #expect(p.source.waitForMigration(seconds: scaled(20)) == .failed, "source: \(p.source.queryMigrate().status)")
         #expect(p.proxy.fired == ["corrupt toDestination"])
         #expect(!p.sourceStatuses.values.contains { $0.isPostcopy })
-        #expect(p.source.runState == .running)
-        #expect(waitForPasses(p.source.machine, 2), "the source guest runs on")
-        p.source.machine.pause()
-        #expect(checkMemory(p.source.machine).passed)
-        p.source.machine.resume()
-        #expect(p.destination.runState != .running)
+        p.expectGuestStayedOnSource()
     }
 
     @Test("the link dies with the postcopy package in flight: the destination never ran the guest, so the source learns it on recovery and runs it again")
@@ -281,11 +287,6 @@ struct RecoveryTests {
         #expect(p.destination.waitForMigration(seconds: scaled(10)) == .failed)
         #expect(p.source.waitForMigration(seconds: scaled(20)) == .failed, "source: \(p.source.queryMigrate().status)")
         #expect(p.source.queryMigrate().postcopyPauses == 1, "the source paused first: it could not know")
-        #expect(p.source.runState == .running)
-        #expect(waitForPasses(p.source.machine, 2), "the source guest runs again")
-        p.source.machine.pause()
-        #expect(checkMemory(p.source.machine).passed)
-        p.source.machine.resume()
-        #expect(p.destination.runState != .running)
+        p.expectGuestStayedOnSource()
     }
 }
