@@ -110,6 +110,16 @@ struct EngineStateTests {
         #expect(pass(3 * s, sent: 3_000_000_000, dirtyMB: 50) == .anotherPass)
         // 40 MiB no longer halves: stop.
         #expect(pass(4 * s, sent: 4_000_000_000, dirtyMB: 40) == .stopAndCopy)
+        // A rest that still halves goes on below a sixteenth of the limit (10 ms, then 4 ms),
+        // until it would take no more than 2 ms.
+        var d = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
+        func passD(_ t: UInt64, sent: UInt64, dirtyKB: UInt64) -> ConvergencePolicy.Verdict {
+            d.passEnded(now: t, sent: sent, dirtyPages: (dirtyKB << 10) / 4096, pageSize: 4096,
+                        downtimeLimitMs: 300, maxBandwidth: 0, autoSwitchPasses: 0).0
+        }
+        #expect(passD(1 * s, sent: 1_000_000_000, dirtyKB: 10_000) == .anotherPass) // 10 ms
+        #expect(passD(2 * s, sent: 2_000_000_000, dirtyKB: 4_000) == .anotherPass)  // 4 ms, halved
+        #expect(passD(3 * s, sent: 3_000_000_000, dirtyKB: 1_600) == .stopAndCopy)  // 1.6 ms
     }
 
     @Test("convergence: a tiny rest stops at once; extra passes are bounded")

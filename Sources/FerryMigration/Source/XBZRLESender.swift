@@ -89,7 +89,8 @@ final class XBZRLESender {
         case unchanged
         /// A delta of this many bytes, at `encodedBytes`.
         case delta(Int)
-        /// Send this copy of the page whole (cached just now, or an overflow).
+        /// Send this copy of the page whole (cached just now, or an overflow; in the last
+        /// stage, the stopped guest's page itself).
         case whole(UnsafeRawPointer)
         /// Not cached and not cacheable now: send the page as usual.
         case uncached
@@ -105,13 +106,22 @@ final class XBZRLESender {
             if !lastStage, let copy = cache.insert(i, page, generation: generation) { return .whole(copy) }
             return .uncached
         }
-        current.copyMemory(from: page, byteCount: Wire.pageSize)
-        let n = XBZRLE.encode(old: cached, new: current, count: Wire.pageSize, into: encoded, capacity: Wire.pageSize)
+        // A running guest may write the page while it is encoded: encode a copy. In the last
+        // stage the guest is stopped and the cache is not updated: encode the page itself
+        // (a 4 KiB copy fewer per page in the downtime).
+        let source: UnsafeRawPointer
+        if lastStage {
+            source = page
+        } else {
+            current.copyMemory(from: page, byteCount: Wire.pageSize)
+            source = UnsafeRawPointer(current)
+        }
+        let n = XBZRLE.encode(old: cached, new: source, count: Wire.pageSize, into: encoded, capacity: Wire.pageSize)
         if n != 0 && !lastStage { cached.copyMemory(from: current, byteCount: Wire.pageSize) }
         guard let n else {
             counters.overflow += 1
             counters.bytes += UInt64(Wire.pageSize)
-            return .whole(current)
+            return .whole(source)
         }
         if n == 0 { return .unchanged }
         counters.pages += 1
