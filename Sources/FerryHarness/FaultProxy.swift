@@ -185,14 +185,14 @@ public final class FaultProxy: @unchecked Sendable {
             var action: Action?
             var flip = chunk.count / 2
             lock.withLock {
-                if let i = triggers.firstIndex(where: { $0.0 == dir && Self.match(hay, $0.1) != nil }) {
-                    action = triggers[i].2
-                    if let at = Self.match(hay, triggers[i].1), !triggers[i].1.isEmpty {
-                        // hay = the previous chunk's tail + this chunk: the first matched byte in this chunk.
-                        flip = max(at - (hay.count - chunk.count), 0)
-                    }
+                for (i, t) in triggers.enumerated() where t.0 == dir {
+                    guard let at = Self.match(hay, t.1) else { continue }
+                    action = t.2
+                    // hay = the previous chunk's tail + this chunk: the first matched byte in this chunk.
+                    if !t.1.isEmpty { flip = max(at - (hay.count - chunk.count), 0) }
                     triggers.remove(at: i)
-                    firedActions.append("\(action!) \(dir)")
+                    firedActions.append("\(t.2) \(dir)")
+                    break
                 }
             }
             switch action {
