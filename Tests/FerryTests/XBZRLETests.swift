@@ -86,6 +86,29 @@ struct XBZRLETests {
         if let e = p.encode() { #expect(try p.roundTrips(e)) }
     }
 
+    @Test("the word-at-a-time encoder gives the byte-at-a-time reference's output; encoding into the cache leaves it equal to the new page")
+    func matchesReference() throws {
+        var rng = SystemRandomNumberGenerator()
+        for round in 0..<400 {
+            var p = Pages()
+            for i in 0..<4096 { p.old[i] = round % 2 == 0 ? 0 : UInt8.random(in: 0...255, using: &rng) }
+            p.new = p.old
+            // Changes at every alignment and spacing: single bytes, words, runs, neighbours.
+            for _ in 0..<Int.random(in: 0...(round % 4 == 3 ? 2000 : 40), using: &rng) {
+                let at = Int.random(in: 0..<4096, using: &rng)
+                for k in at..<min(4096, at + Int.random(in: 1...9, using: &rng)) { p.new[k] &+= UInt8.random(in: 1...255, using: &rng) }
+            }
+            let expected = referenceEncode(old: p.old, new: p.new)
+            #expect(p.encode() == expected, "round \(round)")
+            var cache = p.old, out = [UInt8](repeating: 0, count: 4096)
+            let n = cache.withUnsafeMutableBytes { c in p.new.withUnsafeBytes { n in out.withUnsafeMutableBytes { d in
+                XBZRLE.encode(updating: c.baseAddress!, new: n.baseAddress!, count: 4096, into: d.baseAddress!, capacity: 4096)
+            } } }
+            #expect(n.map { Array(out[0..<$0]) } == expected, "round \(round)")
+            if n != nil { #expect(cache == p.new, "round \(round): the cache is not the receiver's page") }
+        }
+    }
+
     @Test("a page rewritten whole overflows (nil), as does any encoding past the capacity")
     func overflow() {
         var p = Pages()
@@ -208,4 +231,28 @@ struct XBZRLEMigrationTests {
         #expect(end.cacheSize == 64 << 20 && end.pages > after.pages)
         pair.expectDestinationRunsCorrectly()
     }
+}
+
+/// QEMU's format the plain way, a byte at a time (what the encoder must produce): a changed
+/// run extends over equal runs shorter than `XBZRLE.shortestZeroRun`; nil past a page.
+private func referenceEncode(old: [UInt8], new: [UInt8]) -> [UInt8]? {
+    func uleb(_ v: Int) -> [UInt8] { v < 0x80 ? [UInt8(v)] : [UInt8(v & 0x7f) | 0x80, UInt8(v >> 7)] }
+    var out: [UInt8] = [], i = 0
+    let count = old.count
+    while i < count {
+        var changed = i
+        while changed < count && old[changed] == new[changed] { changed += 1 }
+        if changed == count { break }
+        var end = changed
+        while end < count {
+            if old[end] != new[end] { end += 1; continue }
+            var equalEnd = end
+            while equalEnd < count && old[equalEnd] == new[equalEnd] { equalEnd += 1 }
+            if equalEnd == count || equalEnd - end >= 3 { break }
+            end = equalEnd
+        }
+        out += uleb(changed - i) + uleb(end - changed) + new[changed..<end]
+        i = end
+    }
+    return out.count > 4096 ? nil : out
 }

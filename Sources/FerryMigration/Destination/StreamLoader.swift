@@ -18,6 +18,8 @@ extension IncomingMigration {
     func load(_ ch: MigrationChannel) throws -> LoadResult {
         let decoder = StreamDecoder(source: ch, layout: layout, devices: Machine.deviceSectionVersions)
         try decoder.readFileHeader()
+        // Until a POSTCOPY_ADVISE says otherwise (it comes before any page).
+        for b in machine.memory.blocks { b.useHugePages(true) }
         // Pages with nothing behind them read as zero: a ZERO record for one needs no write
         // (and no read, which would fault it in).
         let populated = machine.memory.blocks.map { PopulatedPages($0) }
@@ -112,6 +114,7 @@ extension IncomingMigration {
                 throw MigrationError(.protocolError, "postcopy page sizes \(summary)/\(target) differ from ours (\(Wire.pageSize))")
             }
             postcopyAdvised = true
+            for b in machine.memory.blocks { b.useHugePages(false) }
         case let .ramDiscard(b, ranges):
             guard postcopyAdvised else { throw MigrationError(.protocolError, "RAM_DISCARD outside the postcopy switchover") }
             let block = machine.memory.blocks[b]

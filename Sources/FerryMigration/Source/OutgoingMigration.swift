@@ -72,7 +72,8 @@ final class OutgoingMigration: @unchecked Sendable {
     var switchover = SwitchoverRecord()
     /// Which pages have memory behind them, read chunk by chunk after the last bitmap sync
     /// (`collectDirtyPages` starts it afresh): a page unpopulated when its chunk is read
-    /// reads as zero, and a write after that is in the next dirty log. Precopy only.
+    /// reads as zero, and a write after that is in the next dirty log. Precopy's first pass
+    /// only (nil after it).
     var populated: PopulatedPages?
     var rpThread: KernelThread?
     /// With the `xbzrle` capability: the page cache and the deltas (precopy only).

@@ -77,6 +77,10 @@ extension OutgoingMigration {
             // End of a pass: collect what the guest dirtied meanwhile. XBZRLE deltas start
             // with the second pass (the first filled the cache).
             let now = Sys.monotonicNanos()
+            // Every page went once: what is left to send was written since, so has memory
+            // behind it, and reading which pages do (a walk of the whole RAM's page tables
+            // at each sync, milliseconds in the downtime) would find nothing to skip.
+            populated = nil
             try collectDirtyPages(heartbeatOn: ch)
             xbzrle?.started = true
             let p = parameters
@@ -203,6 +207,11 @@ extension OutgoingMigration {
         if let v = pings.due(now: Sys.monotonicNanos()) { header.ping(v) }
     }
 
+    /// In the last stage the stream goes out whenever this much is queued, so the
+    /// destination loads while the source still encodes: 64 whole pages, or thousands of
+    /// deltas (a write per 64 deltas of ~20 bytes cost most of a small downtime).
+    static let lastStageFlushBytes = 256 << 10
+
     /// Sends pages still to send, from the cursor on. With `limited`, stops at the rate
     /// limit or after 50 ms (QEMU's MAX_WAIT) so the caller can check for cancel.
     /// `lastStage`: the guest is stopped (the XBZRLE cache is no longer updated).
@@ -243,7 +252,7 @@ extension OutgoingMigration {
                 if limited {
                     if try rateLimit(ch) { return false }
                     if Sys.nanosSince(started) > 50_000_000 { return false }
-                } else {
+                } else if ch.pendingBytes >= Self.lastStageFlushBytes {
                     try ch.flush()
                 }
             }

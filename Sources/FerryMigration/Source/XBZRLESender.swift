@@ -1,12 +1,14 @@
 import CFerry
 import FerryMemory
+import FerrySys
 import FerryWire
 import Glibc
 
 /// QEMU's XBZRLE page cache (`migration/page_cache.c`'s rules): direct-mapped by page
 /// number over a power-of-two number of slots; a slot holding another page is taken only
 /// when that page was last used `lifetime` bitmap syncs ago or more. The slots' memory is
-/// an anonymous mapping: a slot costs nothing until a page lands in it.
+/// an anonymous mapping of huge pages where the kernel has them: a slot costs nothing until
+/// a page lands in it, and filling the cache costs one fault per 2 MiB, not per page.
 /// Ownership: `mig/src/main` only.
 final class XBZRLECache {
     /// `CACHED_PAGE_LIFETIME`.
@@ -21,8 +23,9 @@ final class XBZRLECache {
     init(size: UInt64) throws {
         precondition(size >= UInt64(Wire.pageSize) && size & (size - 1) == 0)
         let slots = Int(size) / Wire.pageSize
-        guard let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), p != MAP_FAILED else {
-            throw MigrationError(.resource, "cannot map the \(size)-byte XBZRLE cache")
+        let p: UnsafeMutableRawPointer
+        do { p = try Sys.mmapAnonymous(size: Int(size), hugePages: true) } catch {
+            throw MigrationError(.resource, "cannot map the \(size)-byte XBZRLE cache", cause: error)
         }
         self.size = size
         data = p
@@ -67,8 +70,6 @@ final class XBZRLECache {
 /// Ownership: `mig/src/main` only.
 final class XBZRLESender {
     private(set) var cache: XBZRLECache
-    /// The page as sent, copied once: the guest may write it while it is encoded.
-    private let current = UnsafeMutableRawPointer.allocate(byteCount: Wire.pageSize, alignment: Wire.pageSize)
     private let encoded = UnsafeMutableRawPointer.allocate(byteCount: Wire.pageSize, alignment: 8)
     /// Deltas are sent from the second pass on; the first only fills the cache (`prime`).
     var started = false
@@ -76,7 +77,7 @@ final class XBZRLESender {
 
     init(cacheSize: UInt64) throws { cache = try XBZRLECache(size: cacheSize) }
 
-    deinit { current.deallocate(); encoded.deallocate() }
+    deinit { encoded.deallocate() }
 
     /// A new, empty cache of `size` bytes (`xbzrle-cache-size` changed mid-migration).
     func resize(_ size: UInt64) throws {
@@ -106,22 +107,19 @@ final class XBZRLESender {
             if !lastStage, let copy = cache.insert(i, page, generation: generation) { return .whole(copy) }
             return .uncached
         }
-        // A running guest may write the page while it is encoded: encode a copy. In the last
-        // stage the guest is stopped and the cache is not updated: encode the page itself
-        // (a 4 KiB copy fewer per page in the downtime).
-        let source: UnsafeRawPointer
-        if lastStage {
-            source = page
-        } else {
-            current.copyMemory(from: page, byteCount: Wire.pageSize)
-            source = UnsafeRawPointer(current)
-        }
-        let n = XBZRLE.encode(old: cached, new: source, count: Wire.pageSize, into: encoded, capacity: Wire.pageSize)
-        if n != 0 && !lastStage { cached.copyMemory(from: current, byteCount: Wire.pageSize) }
+        // A running guest may write the page while it is encoded: the encoder reads each
+        // byte it sends once and updates the cache from its output, so no copy of the page
+        // is needed. In the last stage (guest stopped) the cache is no longer updated.
+        let n = lastStage
+            ? XBZRLE.encode(old: cached, new: page, count: Wire.pageSize, into: encoded, capacity: Wire.pageSize)
+            : XBZRLE.encode(updating: cached, new: page, count: Wire.pageSize, into: encoded, capacity: Wire.pageSize)
         guard let n else {
             counters.overflow += 1
             counters.bytes += UInt64(Wire.pageSize)
-            return .whole(source)
+            if lastStage { return .whole(page) }
+            // The cache must hold exactly what goes: one copy, sent from the cache.
+            cached.copyMemory(from: page, byteCount: Wire.pageSize)
+            return .whole(cached)
         }
         if n == 0 { return .unchanged }
         counters.pages += 1
