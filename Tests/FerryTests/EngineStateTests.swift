@@ -95,7 +95,7 @@ struct EngineStateTests {
     let ms: UInt64 = 1_000_000
     let s: UInt64 = 1_000_000_000
 
-    @Test("convergence: stops once the rest fits the downtime limit, one more pass while each still halves it")
+    @Test("convergence: stops once the rest fits the downtime limit, one more pass while each still shrinks it to two thirds")
     func convergenceHalving() {
         var c = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
         func pass(_ t: UInt64, sent: UInt64, dirtyMB: UInt64) -> ConvergencePolicy.Verdict {
@@ -108,8 +108,18 @@ struct EngineStateTests {
         #expect(pass(2 * s, sent: 2_000_000_000, dirtyMB: 200) == .anotherPass)
         // 50 MiB: fits, halved again, 52 ms > 300/16: one more.
         #expect(pass(3 * s, sent: 3_000_000_000, dirtyMB: 50) == .anotherPass)
-        // 40 MiB no longer halves: stop.
+        // 40 MiB no longer shrinks to two thirds: stop.
         #expect(pass(4 * s, sent: 4_000_000_000, dirtyMB: 40) == .stopAndCopy)
+        // A pass that leaves just over half the rest (102 of 200 MiB, 107 ms) is still worth
+        // another (a half stopped here); one that leaves 70 % is not.
+        var h = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
+        func passH(_ t: UInt64, sent: UInt64, dirtyMB: UInt64) -> ConvergencePolicy.Verdict {
+            h.passEnded(now: t, sent: sent, dirtyPages: (dirtyMB << 20) / 4096, pageSize: 4096,
+                        downtimeLimitMs: 300, maxBandwidth: 0, autoSwitchPasses: 0).0
+        }
+        #expect(passH(1 * s, sent: 1_000_000_000, dirtyMB: 200) == .anotherPass)
+        #expect(passH(2 * s, sent: 2_000_000_000, dirtyMB: 102) == .anotherPass)
+        #expect(passH(3 * s, sent: 3_000_000_000, dirtyMB: 72) == .stopAndCopy)
         // A rest that still halves goes on below a sixteenth of the limit (10 ms, then 4 ms),
         // until it would take no more than 2 ms.
         var d = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
