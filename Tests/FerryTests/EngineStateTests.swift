@@ -95,41 +95,36 @@ struct EngineStateTests {
     let ms: UInt64 = 1_000_000
     let s: UInt64 = 1_000_000_000
 
+    /// One pass ending at second `t` of a 1 GB/s link (`t` GB sent), `dirty` bytes left,
+    /// a 300 ms downtime limit.
+    private func passEnded(_ c: inout ConvergencePolicy, second t: UInt64, dirty: UInt64) -> ConvergencePolicy.Verdict {
+        c.passEnded(now: t * s, sent: t * 1_000_000_000, dirtyPages: dirty / 4096, pageSize: 4096,
+                    downtimeLimitMs: 300, maxBandwidth: 0, autoSwitchPasses: 0).0
+    }
+
     @Test("convergence: stops once the rest fits the downtime limit, one more pass while each still shrinks it to two thirds")
-    func convergenceHalving() {
+    func convergenceShrinking() {
         var c = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
-        func pass(_ t: UInt64, sent: UInt64, dirtyMB: UInt64) -> ConvergencePolicy.Verdict {
-            c.passEnded(now: t, sent: sent, dirtyPages: (dirtyMB << 20) / 4096, pageSize: 4096,
-                        downtimeLimitMs: 300, maxBandwidth: 0, autoSwitchPasses: 0).0
-        }
         // 1 GB/s measured; 500 MiB dirty: 524 ms > 300: go on.
-        #expect(pass(1 * s, sent: 1_000_000_000, dirtyMB: 500) == .anotherPass)
-        // 200 MiB fits (210 ms) and halved the rest: one more pass.
-        #expect(pass(2 * s, sent: 2_000_000_000, dirtyMB: 200) == .anotherPass)
-        // 50 MiB: fits, halved again, 52 ms > 300/16: one more.
-        #expect(pass(3 * s, sent: 3_000_000_000, dirtyMB: 50) == .anotherPass)
+        #expect(passEnded(&c, second: 1, dirty: 500 << 20) == .anotherPass)
+        // 200 MiB fits (210 ms) and shrank the rest: one more pass.
+        #expect(passEnded(&c, second: 2, dirty: 200 << 20) == .anotherPass)
+        // 50 MiB: fits, shrank again, 52 ms > 300/16: one more.
+        #expect(passEnded(&c, second: 3, dirty: 50 << 20) == .anotherPass)
         // 40 MiB no longer shrinks to two thirds: stop.
-        #expect(pass(4 * s, sent: 4_000_000_000, dirtyMB: 40) == .stopAndCopy)
+        #expect(passEnded(&c, second: 4, dirty: 40 << 20) == .stopAndCopy)
         // A pass that leaves just over half the rest (102 of 200 MiB, 107 ms) is still worth
         // another (a half stopped here); one that leaves 70 % is not.
         var h = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
-        func passH(_ t: UInt64, sent: UInt64, dirtyMB: UInt64) -> ConvergencePolicy.Verdict {
-            h.passEnded(now: t, sent: sent, dirtyPages: (dirtyMB << 20) / 4096, pageSize: 4096,
-                        downtimeLimitMs: 300, maxBandwidth: 0, autoSwitchPasses: 0).0
-        }
-        #expect(passH(1 * s, sent: 1_000_000_000, dirtyMB: 200) == .anotherPass)
-        #expect(passH(2 * s, sent: 2_000_000_000, dirtyMB: 102) == .anotherPass)
-        #expect(passH(3 * s, sent: 3_000_000_000, dirtyMB: 72) == .stopAndCopy)
-        // A rest that still halves goes on below a sixteenth of the limit (10 ms, then 4 ms),
+        #expect(passEnded(&h, second: 1, dirty: 200 << 20) == .anotherPass)
+        #expect(passEnded(&h, second: 2, dirty: 102 << 20) == .anotherPass)
+        #expect(passEnded(&h, second: 3, dirty: 72 << 20) == .stopAndCopy)
+        // A rest that still shrinks goes on below a sixteenth of the limit (10 ms, then 4 ms),
         // until it would take no more than 2 ms.
         var d = ConvergencePolicy(now: 0, sent: 0, ramBytes: 512 << 20)
-        func passD(_ t: UInt64, sent: UInt64, dirtyKB: UInt64) -> ConvergencePolicy.Verdict {
-            d.passEnded(now: t, sent: sent, dirtyPages: (dirtyKB << 10) / 4096, pageSize: 4096,
-                        downtimeLimitMs: 300, maxBandwidth: 0, autoSwitchPasses: 0).0
-        }
-        #expect(passD(1 * s, sent: 1_000_000_000, dirtyKB: 10_000) == .anotherPass) // 10 ms
-        #expect(passD(2 * s, sent: 2_000_000_000, dirtyKB: 4_000) == .anotherPass)  // 4 ms, halved
-        #expect(passD(3 * s, sent: 3_000_000_000, dirtyKB: 1_600) == .stopAndCopy)  // 1.6 ms
+        #expect(passEnded(&d, second: 1, dirty: 10_000 << 10) == .anotherPass) // 10 ms
+        #expect(passEnded(&d, second: 2, dirty: 4_000 << 10) == .anotherPass)  // 4 ms
+        #expect(passEnded(&d, second: 3, dirty: 1_600 << 10) == .stopAndCopy)  // 1.6 ms
     }
 
     @Test("convergence: a tiny rest stops at once; extra passes are bounded")
