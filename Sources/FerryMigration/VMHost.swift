@@ -34,6 +34,9 @@ public final class VMHost: @unchecked Sendable {
     /// The incoming migration took its capabilities (its stream arrived): from here on they
     /// can no longer change.
     private var incomingCapabilitiesTaken = false
+    /// The current migration's finished status once its MIGRATION event went out (nil before):
+    /// a waiter returns only then, so what it saw in `query-migrate` its subscribers saw too.
+    private var announcedFinish: MigrationStatus?
 
     /// Called (on a migration thread) when the incoming migration failed and this process
     /// has nothing left to do: no guest, and no source that still needs an answer from it.
@@ -274,6 +277,7 @@ public final class VMHost: @unchecked Sendable {
             }
             let m = OutgoingMigration(host: self, uri: uri, parameters: _parameters, capabilities: _capabilities, tls: tls)
             outgoing = m
+            announcedFinish = nil
             return m
         }
         // Outside the lock: starting emits events, whose subscribers take it.
@@ -288,6 +292,7 @@ public final class VMHost: @unchecked Sendable {
             if incoming != nil { throw MigrationError(.state, "The incoming migration has already been started") }
             let m = try IncomingMigration(host: self, uri: uri, capabilities: _capabilities, tls: tls?.credentials)
             incoming = m
+            announcedFinish = nil
             return m
         }
         m.start()
@@ -342,11 +347,17 @@ public final class VMHost: @unchecked Sendable {
         let deadline = Sys.monotonicNanos() + UInt64(seconds * 1e9)
         while Sys.monotonicNanos() < deadline {
             let s = queryMigrate().status
-            if s.isFinished { return s }
+            if s.isFinished && lock.withLock({ announcedFinish }) == s { return s }
             lock.withLock { _ = lock.wait(timeoutNanos: 20_000_000) }
         }
         return queryMigrate().status
     }
 
-    func statusChanged() { lock.withLock { lock.broadcast() } }
+    /// Wakes the waiters after a status change was announced (`after`).
+    func statusChanged(_ after: MigrationStatus) {
+        lock.withLock {
+            if after.isFinished { announcedFinish = after }
+            lock.broadcast()
+        }
+    }
 }

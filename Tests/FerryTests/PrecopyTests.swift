@@ -49,7 +49,12 @@ struct PrecopyTests {
         let target = try pair.listen(uri)
         pair.source.setParameters { $0.maxBandwidth = 0 }
         let events = Recorder<MigrationEvent>()
-        pair.source.subscribe { events.append($0) }
+        // A slow subscriber: a waiter returns only once the last MIGRATION event went out
+        // (it once returned on query-migrate's status alone, and the event came after).
+        pair.source.subscribe { e in
+            if e == .status(.completed) { usleep(200_000) }
+            events.append(e)
+        }
         try pair.source.migrate(uri: target)
         #expect(pair.source.waitForMigration(seconds: scaled(60)) == .completed, "\(pair.source.queryMigrate().errorDescription ?? "")")
         #expect(pair.destination.waitForMigration(seconds: scaled(10)) == .completed, "\(pair.destination.queryMigrate().errorDescription ?? "")")

@@ -45,6 +45,6 @@ extension VMHost {
         let level: Logger.Level = after == .failed ? .error : after == .postcopyPaused ? .warning : .info
         MigrationLog.logger.log(level: level, "migration \(before.rawValue) → \(after.rawValue)\(cause.map { ": \($0)" } ?? "")", metadata: metadata)
         emit(.status(after))
-        statusChanged()
+        statusChanged(after)
     }
 }
