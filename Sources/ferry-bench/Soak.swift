@@ -42,15 +42,24 @@ extension FerryBench {
         try churn.start(seed: seed)
         var done: [SoakMigration] = []
         var samples: [SoakSample] = []
+        // Sampled with no churn client connected and once the counts are steady (a session's
+        // thread closes its fd after its client left): what is left is the process's own.
         func sample(_ i: Int, _ role: String, _ p: FerryProcess) {
-            let u = processUsage(p.pid)
+            churn.hold()
+            var u = processUsage(p.pid)
+            for _ in 0..<20 {
+                usleep(50_000)
+                let again = processUsage(p.pid)
+                if again.fds == u.fds && again.threads == u.threads { break }
+                u = again
+            }
             samples.append(SoakSample(migration: i, role: role, pid: p.pid, fds: u.fds, threads: u.threads, rssKiB: u.rssKiB))
         }
         for i in 0..<migrations {
             let plan = SoakPlan.draw(&g)
             let destination = try newProcess(incoming: true)
-            churn.point(at: [source.qmpPath, destination.qmpPath])
             sample(i, "source", source)
+            churn.point(at: [source.qmpPath, destination.qmpPath])
             var m = try soakMigration(i, plan, source: source, destination: destination, guest: guest, work: work)
             // A destination whose incoming migration failed has exited (as QEMU's does).
             if m.outcome == "completed" { sample(i, "destination", destination) }

@@ -44,18 +44,35 @@ final class QMPChurn: @unchecked Sendable {
     private var targets: [String] = [] // guarded by lock
     private var stopped = false // guarded by lock
     private var sessions = 0, floods = 0 // guarded by lock
+    /// Connections the two threads hold now (guarded by lock): `hold` waits for none.
+    private var connected = 0
     private var threads: [KernelThread] = []
 
     func point(at paths: [String]) { lock.withLock { targets = paths } }
     var counts: (sessions: Int, floods: Int) { lock.withLock { (sessions, floods) } }
+
+    /// No target, and back once no client holds a connection: a process's fds counted then
+    /// are its own, not the clients' of the moment.
+    func hold() {
+        lock.withLock {
+            targets = []
+            while connected > 0 { _ = lock.wait(timeoutNanos: 10_000_000) }
+        }
+    }
+
+    private func connectionChanged(_ delta: Int) { lock.withLock { connected += delta; lock.broadcast() } }
 
     func start(seed: UInt64) throws {
         threads.append(try KernelThread(name: "soak/clients") { [self] in
             var g = SplitMix(state: seed ^ 0xC11E)
             while let paths = lock.withLock({ stopped ? nil : targets }) {
                 usleep(UInt32(50_000 + g.below(200_000)))
-                guard !paths.isEmpty else { continue }
-                let path = paths[g.below(paths.count)]
+                // Counted before the target is read again, so `hold` cannot miss this one.
+                guard let path = lock.withLock({ () -> String? in
+                    guard !targets.isEmpty, targets == paths else { return nil }
+                    connected += 1
+                    return paths[g.below(paths.count)]
+                }) else { continue }
                 if g.below(3) == 0 {
                     // Connect, send half a command, leave.
                     if let fd = try? UnixSocket.connect(path) {
@@ -68,6 +85,7 @@ final class QMPChurn: @unchecked Sendable {
                     _ = try? c.execute("query-migrate")
                     if g.below(2) == 0 { _ = try? c.execute("query-migrate-capabilities") }
                 }
+                connectionChanged(-1)
                 lock.withLock { sessions += 1 }
             }
         })
@@ -75,14 +93,30 @@ final class QMPChurn: @unchecked Sendable {
             var client: QMPClient?
             var current = ""
             while let paths = lock.withLock({ stopped ? nil : targets }) {
-                guard let path = paths.first else { usleep(10_000); continue }
-                if path != current || client == nil { client = try? QMPClient(path: path, timeoutSeconds: 2); current = path }
+                guard let path = paths.first else {
+                    if client != nil { client = nil; current = ""; connectionChanged(-1) }
+                    usleep(10_000)
+                    continue
+                }
+                if path != current || client == nil {
+                    if client != nil { client = nil; connectionChanged(-1) }
+                    // Counted only while the target is still this one (see the other thread).
+                    guard lock.withLock({ () -> Bool in
+                        guard targets.first == path else { return false }
+                        connected += 1
+                        return true
+                    }) else { continue }
+                    client = try? QMPClient(path: path, timeoutSeconds: 2)
+                    current = path
+                    if client == nil { connectionChanged(-1) }
+                }
                 if let c = client {
-                    if (try? c.execute("query-migrate")) == nil { client = nil; usleep(20_000) } else { lock.withLock { floods += 1 } }
+                    if (try? c.execute("query-migrate")) == nil { client = nil; connectionChanged(-1); usleep(20_000) } else { lock.withLock { floods += 1 } }
                 } else {
                     usleep(20_000)
                 }
             }
+            if client != nil { client = nil; connectionChanged(-1) }
         })
     }
 
