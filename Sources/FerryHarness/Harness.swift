@@ -266,6 +266,9 @@ public struct MigrationRun: Codable, Sendable {
     /// during it: what a throttle cost the guest (`auto-converge` scenarios).
     public var guestRateBefore: Double?
     public var guestRateDuring: Double?
+    /// The guest's passes the throttle cost it: what it would have made at the rate before,
+    /// over the migration's time, less what it made (a rate alone favours a slower engine).
+    public var guestPassesLost: Double?
     /// The highest cpu-throttle-percentage seen.
     public var maxThrottlePercent: UInt64?
     /// xbzrle-cache at the end (pages, bytes, cache-miss, overflow).
@@ -387,9 +390,10 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     let measureGuest = scenario.capabilities.contains("auto-converge") && scenario.guestImage == nil
     var rateBefore: Double?
     if measureGuest {
+        // Over 4 s: the guest writes a byte or two a second, so one second is too coarse.
         let a = src.serialBytes
-        usleep(1_000_000)
-        rateBefore = Double(src.serialBytes - a)
+        usleep(4_000_000)
+        rateBefore = Double(src.serialBytes - a) / 4
     }
     let serialAtStart = src.serialBytes
     try src.qmp.execute("migrate", ["uri": target])
@@ -425,7 +429,9 @@ public func runPrecopy(_ scenario: PrecopyScenario, directory: String, executabl
     if measureGuest {
         run.guestRateBefore = rateBefore
         let secs = Double(Sys.monotonicNanos() - start) / 1e9
-        run.guestRateDuring = secs > 0 ? Double((serialAtStop ?? src.serialBytes) - serialAtStart) / secs : nil
+        let made = Double((serialAtStop ?? src.serialBytes) - serialAtStart)
+        run.guestRateDuring = secs > 0 ? made / secs : nil
+        run.guestPassesLost = rateBefore.map { max(0, $0 * secs - made) }
     }
     run.maxThrottlePercent = maxThrottle
     if let x = info["xbzrle-cache"] as? [String: Any] { run.xbzrlePages = qmpNumber(x["pages"]); run.xbzrleBytes = qmpNumber(x["bytes"]) }

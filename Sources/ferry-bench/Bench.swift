@@ -265,6 +265,7 @@ struct ComparedRun: Codable {
     var bytesSent: UInt64?
     var guestRateBefore: Double?
     var guestRateDuring: Double?
+    var guestPassesLost: Double?
     var maxThrottlePercent: UInt64?
     var xbzrlePages: UInt64?
     var pagesWithoutFill: Int?
@@ -354,6 +355,7 @@ extension FerryBench {
                 c.bytesSent = r.bytesSent
                 c.guestRateBefore = r.guestRateBefore
                 c.guestRateDuring = r.guestRateDuring
+                c.guestPassesLost = r.guestPassesLost
                 c.maxThrottlePercent = r.maxThrottlePercent
                 c.xbzrlePages = r.xbzrlePages
                 c.pagesWithoutFill = r.pagesWithoutFill
@@ -419,6 +421,7 @@ extension FerryBench {
             row("highest cpu-throttle-percentage") { $0.maxThrottlePercent.map { Double($0) } }
             row("guest passes per minute during the migration (higher is better; before it: \(range(f.compactMap { $0.guestRateBefore.map { $0 * 60 } }))"
                 + " / \(range(g.compactMap { $0.guestRateBefore.map { $0 * 60 } })))", higherIsBetter: true) { $0.guestRateDuring.map { $0 * 60 } }
+            row("guest passes lost to the throttle (its rate before × the migration's time − passes made; lower is better)") { $0.guestPassesLost }
             row("switch-over pause ms (source STOP → destination RESUME)") { $0.switchoverPauseMs }
             row("vCPU blocked ms") { $0.blocktimeMs.map { Double($0) } }
             row("resume → active ms") { $0.resumeToActiveMs }
