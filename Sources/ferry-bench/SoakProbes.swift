@@ -60,19 +60,25 @@ final class QMPChurn: @unchecked Sendable {
         }
     }
 
-    private func connectionChanged(_ delta: Int) { lock.withLock { connected += delta; lock.broadcast() } }
+    /// Counts a connection about to open, if the targets still say so: checked and counted
+    /// under the lock `hold` waits on, so it cannot miss one being opened.
+    private func claimConnection(if stillWanted: ([String]) -> Bool) -> Bool {
+        lock.withLock {
+            guard stillWanted(targets) else { return false }
+            connected += 1
+            return true
+        }
+    }
+
+    private func connectionClosed() { lock.withLock { connected -= 1; lock.broadcast() } }
 
     func start(seed: UInt64) throws {
         threads.append(try KernelThread(name: "soak/clients") { [self] in
             var g = SplitMix(state: seed ^ 0xC11E)
             while let paths = lock.withLock({ stopped ? nil : targets }) {
                 usleep(UInt32(50_000 + g.below(200_000)))
-                // Counted before the target is read again, so `hold` cannot miss this one.
-                guard let path = lock.withLock({ () -> String? in
-                    guard !targets.isEmpty, targets == paths else { return nil }
-                    connected += 1
-                    return paths[g.below(paths.count)]
-                }) else { continue }
+                guard !paths.isEmpty, claimConnection(if: { $0 == paths }) else { continue }
+                let path = paths[g.below(paths.count)]
                 if g.below(3) == 0 {
                     // Connect, send half a command, leave.
                     if let fd = try? UnixSocket.connect(path) {
@@ -85,38 +91,35 @@ final class QMPChurn: @unchecked Sendable {
                     _ = try? c.execute("query-migrate")
                     if g.below(2) == 0 { _ = try? c.execute("query-migrate-capabilities") }
                 }
-                connectionChanged(-1)
+                connectionClosed()
                 lock.withLock { sessions += 1 }
             }
         })
         threads.append(try KernelThread(name: "soak/flood") { [self] in
             var client: QMPClient?
             var current = ""
+            func drop() { if client != nil { client = nil; connectionClosed() } }
             while let paths = lock.withLock({ stopped ? nil : targets }) {
                 guard let path = paths.first else {
-                    if client != nil { client = nil; current = ""; connectionChanged(-1) }
+                    drop()
+                    current = ""
                     usleep(10_000)
                     continue
                 }
                 if path != current || client == nil {
-                    if client != nil { client = nil; connectionChanged(-1) }
-                    // Counted only while the target is still this one (see the other thread).
-                    guard lock.withLock({ () -> Bool in
-                        guard targets.first == path else { return false }
-                        connected += 1
-                        return true
-                    }) else { continue }
+                    drop()
+                    guard claimConnection(if: { $0.first == path }) else { continue }
                     client = try? QMPClient(path: path, timeoutSeconds: 2)
                     current = path
-                    if client == nil { connectionChanged(-1) }
+                    if client == nil { connectionClosed() }
                 }
                 if let c = client {
-                    if (try? c.execute("query-migrate")) == nil { client = nil; connectionChanged(-1); usleep(20_000) } else { lock.withLock { floods += 1 } }
+                    if (try? c.execute("query-migrate")) == nil { drop(); usleep(20_000) } else { lock.withLock { floods += 1 } }
                 } else {
                     usleep(20_000)
                 }
             }
-            if client != nil { client = nil; connectionChanged(-1) }
+            drop()
         })
     }
 
