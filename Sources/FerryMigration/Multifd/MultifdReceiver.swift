@@ -23,6 +23,8 @@ final class MultifdReceivers: @unchecked Sendable {
     /// Postcopy may follow: a zero page must be populated, never skipped (a page marked
     /// received but missing would fault and never be asked for).
     private let populateZeroPages: Bool
+    /// Faults fresh RAM in ahead of the receivers (precopy only: see `Prefaulter`).
+    private let prefaulter: Prefaulter?
     private let lock = Monitor()
     private var threads: [KernelThread] = []
     /// SYNC packets each channel has reached.
@@ -46,12 +48,18 @@ final class MultifdReceivers: @unchecked Sendable {
         self.compression = compression
         self.received = received
         self.populateZeroPages = populateZeroPages
+        prefaulter = populateZeroPages ? nil : try Prefaulter(block)
         self.failed = failed
         reached = Array(repeating: 0, count: channels.count)
         ended = Array(repeating: false, count: channels.count)
-        for (id, ch) in channels.enumerated() {
-            let zstd = compression == .zstd ? try ZstdDecompressor() : nil
-            threads.append(try KernelThread(name: "mig/dst/recv_\(id)") { [self] in run(id, ch, zstd) })
+        do {
+            for (id, ch) in channels.enumerated() {
+                let zstd = compression == .zstd ? try ZstdDecompressor() : nil
+                threads.append(try KernelThread(name: "mig/dst/recv_\(id)") { [self] in run(id, ch, zstd) })
+            }
+        } catch {
+            prefaulter?.stop()
+            throw error
         }
     }
 
@@ -82,11 +90,13 @@ final class MultifdReceivers: @unchecked Sendable {
         for ch in channels { ch.shutdown() }
         for t in threads { t.join() }
         for ch in channels { ch.close() }
+        prefaulter?.stop()
     }
 
     private func run(_ id: Int, _ ch: MigrationChannel, _ zstd: ZstdDecompressor?) {
         var header = [UInt8](repeating: 0, count: MultiFD.packetHeaderSize)
         let populated = PopulatedPages(block)
+        var written = Prefaulter.Cursor()
         let compressed = UnsafeMutableRawBufferPointer.allocate(byteCount: zstd == nil ? 0 : MultiFD.maxCompressedSize, alignment: 16)
         defer { compressed.deallocate() }
         do {
@@ -101,6 +111,7 @@ final class MultifdReceivers: @unchecked Sendable {
                 }
                 let packet = try MultiFD.Packet(decoding: header, layout: layout, compression: compression)
                 let pages = packet.normal.map { block.host + Int($0) }
+                if let prefaulter { for o in packet.normal { written.wrote(Int(o), prefaulter) } }
                 if let zstd {
                     let data = UnsafeMutableRawBufferPointer(rebasing: compressed[0..<Int(packet.nextPacketSize)])
                     try ch.readExactly(data)
