@@ -79,3 +79,29 @@ public final class Prefaulter: @unchecked Sendable {
         thread = nil
     }
 }
+
+/// One writer's prefaulters for several blocks, started at its first page (a stream that
+/// never writes one starts no thread). Ownership: the writer's thread uses it alone.
+public final class PrefaultAhead {
+    private let blocks: [RAMBlock]
+    private var prefaulters: [Prefaulter]?
+    private var cursors: [Prefaulter.Cursor]
+
+    public init(_ blocks: [RAMBlock]) {
+        self.blocks = blocks
+        cursors = blocks.map { _ in Prefaulter.Cursor() }
+    }
+
+    /// The writer is about to write block `b` at `offset`. A prefaulter that cannot start
+    /// (no thread) leaves the writer faulting its own pages, as without one.
+    @inline(__always) public func wrote(block b: Int, _ offset: Int) {
+        if prefaulters == nil { prefaulters = (try? blocks.map { b throws(SysError) in try Prefaulter(b) }) ?? [] }
+        guard let p = prefaulters, b < p.count else { return }
+        cursors[b].wrote(offset, p[b])
+    }
+
+    public func stop() {
+        for p in prefaulters ?? [] { p.stop() }
+        prefaulters = []
+    }
+}

@@ -43,4 +43,20 @@ struct PrefaulterTests {
         #expect((b.host + 3 * chunk).load(as: UInt64.self) == 0)
         #expect(b.host.load(fromByteOffset: 20 * chunk, as: UInt8.self) == 7)
     }
+
+    @Test("PrefaultAhead: starts at the first page, keeps each block's run apart, and stops")
+    func perBlock() throws {
+        let chunk = Prefaulter.chunkBytes, chunkPages = chunk / 4096
+        let low = try RAMBlock(name: "pc.ram", guestAddress: 0, length: 16 << 20)
+        let high = try RAMBlock(name: "pc.ram.high", guestAddress: 1 << 32, length: 16 << 20)
+        let ahead = PrefaultAhead([low, high])
+        defer { ahead.stop() }
+        for c in 0..<2 {
+            ahead.wrote(block: 1, c * chunk)
+            (high.host + c * chunk).initializeMemory(as: UInt8.self, repeating: 3, count: chunk)
+        }
+        #expect(try eventually { try populated(high) >= 3 * chunkPages })
+        let (l, h) = (try populated(low), try populated(high))
+        #expect(l == 0 && h == 3 * chunkPages, "low \(l), high \(h) pages")
+    }
 }

@@ -23,6 +23,9 @@ extension IncomingMigration {
         // Pages with nothing behind them read as zero: a ZERO record for one needs no write
         // (and no read, which would fault it in).
         let populated = machine.memory.blocks.map { PopulatedPages($0) }
+        // Fresh RAM faulted in ahead of the pages written (precopy only: see Prefaulter).
+        let prefault = PrefaultAhead(machine.memory.blocks)
+        defer { prefault.stop() }
         var devices: [DeviceSection] = []
         var sawRAMSetup = false
         // From the RAM END section (the source has stopped the guest) to the guest running.
@@ -41,7 +44,7 @@ extension IncomingMigration {
                 if h.type == .start { sawRAMSetup = true }
                 guard sawRAMSetup else { throw WireError(.badSectionID, "RAM pages before the RAM setup section") }
                 if h.type == .end { timeline = SwitchoverTimeline(start: Sys.monotonicNanos()) }
-                try loadRAM(decoder, ch, populated: populated)
+                try loadRAM(decoder, ch, populated: populated, prefault: prefault)
                 try decoder.readFooter(expecting: h.id)
                 if h.type == .end { timeline?.mark("ram", now: Sys.monotonicNanos()) }
             case .section(let h):
@@ -130,13 +133,14 @@ extension IncomingMigration {
         }
     }
 
-    private func loadRAM(_ decoder: StreamDecoder, _ ch: MigrationChannel, populated: [PopulatedPages]) throws {
+    private func loadRAM(_ decoder: StreamDecoder, _ ch: MigrationChannel, populated: [PopulatedPages], prefault: PrefaultAhead) throws {
         let blocks = machine.memory.blocks
         while true {
             switch try decoder.nextRAMRecord() {
             case .eos: return
             case .memSize: continue // validated against our layout by the decoder
             case let .page(b, offset):
+                if !postcopyAdvised { prefault.wrote(block: b, Int(offset)) }
                 // Straight into guest RAM; the decoder checked the offset is inside the block.
                 try ch.readExactly(UnsafeMutableRawBufferPointer(start: blocks[b].host + Int(offset), count: Wire.pageSize))
                 received.set(Int(offset >> UInt64(Wire.pageShift)))
