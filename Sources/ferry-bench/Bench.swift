@@ -13,6 +13,9 @@ struct FerryBench: ParsableCommand {
     @Option(help: "Repetitions per scenario.")
     var repetitions = 3
 
+    @Option(help: "compare: unrecorded runs of each engine before its measured ones in every scenario (the first migration after the host idled runs up to ~2-3× slower, for either engine).")
+    var warmupRuns = 1
+
     @Option(help: "Output directory for JSON and Markdown.")
     var output = "bench-results"
 
@@ -256,6 +259,9 @@ struct ComparedRun: Codable {
     var error: String?
     var switchoverPauseMs: Double?
     var switchoverSteps: [String: UInt64]?
+    /// Unrecorded runs of this engine just before this scenario's measured ones (nil: a run
+    /// measured before warm-ups existed).
+    var warmupRuns: Int?
     var timeline: [TimelineSample]?
     var latencyDistribution: [UInt64]?
     var totalOverWireLimit: Double?
@@ -334,9 +340,14 @@ extension FerryBench {
         func measure(_ name: String, _ body: (Engine, String) throws -> ComparedRun) {
             names.append(name)
             for e in engines {
+                for i in 0..<warmupRuns {
+                    let c = try? body(e, "\(work)/\(name)-\(e.rawValue)-warmup\(i + 1)")
+                    print("\(name) [\(e.rawValue)] warm-up \(i + 1) (not counted): \(c.map { "\($0.status) total \($0.totalTimeMs) ms" } ?? "harness error")")
+                }
                 for i in 1...repetitions {
                     do {
-                        let c = try body(e, "\(work)/\(name)-\(e.rawValue)-\(i)")
+                        var c = try body(e, "\(work)/\(name)-\(e.rawValue)-\(i)")
+                        c.warmupRuns = warmupRuns
                         note(c, i)
                         runs.append(c)
                     } catch { print("\(name) [\(e.rawValue)] #\(i): harness error: \(error)") }
@@ -442,6 +453,9 @@ extension FerryBench {
             try Chart.histogram(title: "\(sc.name): postcopy fault latency", series: series).write(toFile: "\(output)/\(hist)", atomically: true, encoding: .utf8)
             charts += [tl, hist]
         }
+        let cold = names.filter { n in runs.contains { $0.scenario == n && ($0.warmupRuns ?? 0) == 0 } }
+        md += "\nBefore its measured runs of a scenario each engine ran unrecorded warm-up runs (`--warmup-runs`, 1 by default): the first migration after the host idled ran up to ~3× slower, for either engine."
+        md += cold.isEmpty ? "\n" : " Measured without a warm-up (before it existed): " + cold.joined(separator: ", ") + ".\n"
         md += steps
         if !charts.isEmpty { md += "\nCharts: " + charts.map { "[\($0)](\($0))" }.joined(separator: ", ") + "\n" }
         try md.write(toFile: "\(output)/compare.md", atomically: true, encoding: .utf8)
