@@ -187,6 +187,19 @@ public final class PopulatedPages {
         return bits.test(page)
     }
 
+    /// How many pages from `start` on (at most `limit`) are known to read as zero.
+    public func knownZeroRun(from start: Int, limit: Int) throws(MemoryError) -> Int {
+        var n = 0
+        let end = min(block.pageCount, start + limit)
+        while start + n < end {
+            let p = start + n
+            if p & 63 == 0, end - p >= 64, try !mayHoldData(p), bits.words[p >> 6] == 0 { n += 64; continue }
+            guard try !mayHoldData(p) else { break }
+            n += 1
+        }
+        return n
+    }
+
     /// How many pages have memory behind them now (reads every chunk not yet read).
     public func count() throws(MemoryError) -> Int {
         var n = 0

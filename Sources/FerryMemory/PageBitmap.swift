@@ -50,6 +50,15 @@ public final class PageBitmap: @unchecked Sendable {
         return ferry_atomic_and64(words + (i >> 6), ~mask) & mask != 0
     }
 
+    /// Clears the set bits from `start` on, up to the first clear one and at most `limit`,
+    /// and says how many it cleared (each in one atomic step).
+    public func takeRun(from start: Int, limit: Int) -> Int {
+        var n = 0
+        let end = min(bitCount, start + limit)
+        while start + n < end, testAndClear(start + n) { n += 1 }
+        return n
+    }
+
     /// Sets bit i and says whether it was already set.
     @inline(__always) public func testAndSet(_ i: Int) -> Bool {
         precondition(i >= 0 && i < bitCount)

@@ -80,6 +80,22 @@ extension WireBuffer {
 
     public mutating func ramEOS() { be64(RAMFlags.eos.rawValue) }
 
+    /// The bytes of a ZERO record that continues the previous record's block.
+    public static let continuedZeroRecordBytes = 9
+
+    /// ZERO records (CONTINUE) for `count` consecutive pages from page `firstPage`, stored
+    /// into `out` (at least `count * continuedZeroRecordBytes` bytes): the same bytes as
+    /// `ramRecord(offset:flags: .zero, block: nil)` for each, without a call per record
+    /// (a big sparse guest's first pass has millions of them).
+    public static func continuedZeroRecords(firstPage: Int, count: Int, into out: UnsafeMutableRawPointer) {
+        let flags = RAMFlags.zero.rawValue | RAMFlags.continue.rawValue
+        for k in 0..<count {
+            let p = out + k * continuedZeroRecordBytes
+            p.storeBytes(of: (UInt64(firstPage + k) << UInt64(Wire.pageShift) | flags).bigEndian, as: UInt64.self)
+            p.storeBytes(of: 0, toByteOffset: 8, as: UInt8.self)
+        }
+    }
+
     /// RAM_SAVE_FLAG_MULTIFD_FLUSH, after every multifd channel's SYNC packet.
     public mutating func multifdFlush() { be64(RAMFlags.multifdFlush.rawValue) }
 

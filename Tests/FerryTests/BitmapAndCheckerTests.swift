@@ -46,6 +46,32 @@ struct PageBitmapTests {
         #expect(PageBitmap.deserialize(bytes.dropLast(), bitCount: bits) == nil)
     }
 
+    @Test("takeRun clears the run of set bits from a start, up to a clear bit or the limit")
+    func takeRun() {
+        let b = PageBitmap(bitCount: 300)
+        for i in 10..<200 { b.set(i) }
+        b.set(250)
+        #expect(b.takeRun(from: 10, limit: 5) == 5)
+        #expect(!b.test(14) && b.test(15))
+        #expect(b.takeRun(from: 15, limit: 1000) == 185)
+        #expect(b.takeRun(from: 200, limit: 1000) == 0)
+        #expect(b.popcount() == 1 && b.test(250))
+        #expect(b.takeRun(from: 250, limit: 1000) == 1)
+    }
+
+    @Test("knownZeroRun counts never-touched pages up to the first touched one or the limit, also across whole words")
+    func knownZeroRun() throws {
+        let b = try RAMBlock(name: "pc.ram", guestAddress: 0, length: 16 << 20)
+        for p in [3, 100, 1000] { (b.host + p * 4096).storeBytes(of: 1, as: UInt8.self) }
+        let z = PopulatedPages(b)
+        #expect(try z.knownZeroRun(from: 0, limit: 10_000) == 3)
+        #expect(try z.knownZeroRun(from: 3, limit: 10_000) == 0)
+        #expect(try z.knownZeroRun(from: 4, limit: 10_000) == 96)
+        #expect(try z.knownZeroRun(from: 101, limit: 50) == 50)
+        #expect(try z.knownZeroRun(from: 101, limit: 10_000) == 899)
+        #expect(try z.knownZeroRun(from: 1001, limit: 1 << 20) == b.pageCount - 1001)
+    }
+
     @Test("drain moves bits and leaves the source empty")
     func drain() {
         let a = PageBitmap(bitCount: 200), b = PageBitmap(bitCount: 200)

@@ -71,6 +71,24 @@ struct WireTests {
         #expect(records == [.memSize(blocks: [.init(name: "pc.ram", length: 1 << 20)]), .page(block: 0, offset: 0), .zero(block: 0, offset: 4096)])
     }
 
+    @Test("ZERO records written in bulk are the bytes of one record at a time and decode to the same pages")
+    func bulkZeroRecords() throws {
+        let first = 5, count = 70
+        var one = WireBuffer()
+        for k in 0..<count { one.ramRecord(offset: UInt64(first + k) << 12, flags: .zero, block: nil) }
+        var bulk = [UInt8](repeating: 0xee, count: count * WireBuffer.continuedZeroRecordBytes)
+        bulk.withUnsafeMutableBytes { WireBuffer.continuedZeroRecords(firstPage: first, count: count, into: $0.baseAddress! ) }
+        #expect(bulk == one.bytes)
+        let records = try decode(stream(pages: [(0, false)]) { w in
+            w.sectionShort(.part, id: 0)
+            w.ramRecord(offset: 0, flags: .zero, block: "pc.ram")
+            w.append(bulk)
+            w.ramEOS()
+            w.footer(id: 0)
+        })
+        #expect(records.suffix(count) == (0..<count).map { RAMRecord.zero(block: 0, offset: UInt64(first + $0) << 12) }[...])
+    }
+
     @Test("wrong magic and obsolete version are refused")
     func magic() {
         var s = stream(); s[0] = 0x00

@@ -244,21 +244,55 @@ extension OutgoingMigration {
                 case .delta: break
                 case .unchanged: wrote = false // nothing went: the next record still names the block
                 }
+            } else if neverTouched, !first, checkEvery == 64, let populated {
+                // A never-touched stretch (most of a big sparse guest's first pass): its
+                // ZERO records go in one write, not a call and a copy per record.
+                let run = 1 + toSend.takeRun(from: i + 1, limit: try populated.knownZeroRun(from: i + 1, limit: Self.zeroRunPages - 1))
+                try zeroRecords(ch, from: i, count: run)
+                duplicate += UInt64(run)
+                pagesThisPass += UInt64(run - 1)
+                cursor = i + run
+                batch += run
+                if batch >= checkEvery {
+                    batch = 0
+                    if try checkBudget(limited: limited, started: started, ch) { return false }
+                }
+                continue
             } else if try PageRecord.send(ch, block, i, named: first, knownZero: neverTouched, buffer: &header) { duplicate += 1 } else { normal += 1 }
             if wrote { first = false }
             cursor = i + 1
             batch += 1
-            if batch % checkEvery == 0 {
-                if limited {
-                    if try rateLimit(ch) { return false }
-                    if Sys.nanosSince(started) > 50_000_000 { return false }
-                } else if ch.pendingBytes >= Self.lastStageFlushBytes {
-                    try ch.flush()
-                }
+            if batch >= checkEvery {
+                batch = 0
+                if try checkBudget(limited: limited, started: started, ch) { return false }
             }
         }
         cursor = 0
         return true
+    }
+
+    /// Every `checkEvery` pages of `sendPages`: with `limited`, true when the pass should
+    /// yield (the rate limit waited, or 50 ms went by); in the last stage, flushes what is
+    /// queued past `lastStageFlushBytes`.
+    private func checkBudget(limited: Bool, started: UInt64, _ ch: MigrationChannel) throws -> Bool {
+        if limited {
+            if try rateLimit(ch) { return true }
+            if Sys.nanosSince(started) > 50_000_000 { return true }
+        } else if ch.pendingBytes >= Self.lastStageFlushBytes {
+            try ch.flush()
+        }
+        return false
+    }
+
+    /// At most this many ZERO records go in one write (36 KiB).
+    static let zeroRunPages = 4096
+
+    /// ZERO records for the pages `first ..< first + count` of the block, continuing it.
+    private func zeroRecords(_ ch: MigrationChannel, from first: Int, count: Int) throws {
+        try withUnsafeTemporaryAllocation(byteCount: count * WireBuffer.continuedZeroRecordBytes, alignment: 8) { buf in
+            WireBuffer.continuedZeroRecords(firstPage: first, count: count, into: buf.baseAddress!)
+            try ch.write(raw: UnsafeRawBufferPointer(buf))
+        }
     }
 
     /// `sendPages` with multifd: the dirty pages go to the channels in packets of up to
