@@ -37,6 +37,10 @@ public enum Wire {
     /// Ferry's own: after the discards sent before the postcopy stop; its PONG says the
     /// destination has read (and applied) everything before it. A QEMU destination echoes it.
     public static let pingEarlyDiscards: UInt32 = 0x4644_4953 // "FDIS"
+    /// Ferry's own: the last thing before the precopy stop; its PONG says the destination has
+    /// read everything before it, so the pause carries only the last dirty pages and not a
+    /// backlog (a QEMU destination echoes it).
+    public static let pingCaughtUp: UInt32 = 0x4643_5550 // "FCUP"
     /// Ferry's own: the destination's unsolicited keep-alive PONG (every 250 ms from its own
     /// thread), so the source hears a live peer even while the destination works through a
     /// backlog of stream data. A source that does not know it ignores it (QEMU only traces

@@ -410,6 +410,8 @@ struct ReturnPathInbox {
     var resumeAcked = false
     /// The PONG after the discards sent before the postcopy stop came back.
     var earlyDiscardsApplied = false
+    /// The PONG to the PING sent just before the precopy stop came back.
+    var caughtUp = false
 
     /// A new channel: what the old one said no longer applies.
     mutating func newChannel() { shut = nil; failure = nil; receivedBitmap = nil; resumeAcked = false }

@@ -35,7 +35,7 @@ extension OutgoingMigration {
         try ch.write(header)
         try ch.flush()
         do {
-            _ = try waitForDestination(seconds: PostcopySwitchover.earlyDiscardsWaitSeconds, during: "the discards before the stop") {
+            _ = try waitForDestination(seconds: SwitchoverWait.seconds, during: "the discards before the stop") {
                 inbox.earlyDiscardsApplied ? true : nil
             }
         } catch let e as MigrationError where e.code == .timeout {
@@ -226,8 +226,9 @@ extension OutgoingMigration {
     }
 }
 
-/// The postcopy switch-over's one tunable: how long the source waits, guest still running,
-/// for the destination to apply the discards sent before the stop.
-enum PostcopySwitchover {
-    static let earlyDiscardsWaitSeconds = 0.2
+/// The switch-overs' one tunable: how long the source waits, guest still running, for the
+/// destination to have read everything sent before the stop (precopy: the backlog in the
+/// sockets; postcopy: that and the discards sent early). Then the stop goes ahead anyway.
+enum SwitchoverWait {
+    static let seconds = 0.2
 }

@@ -31,6 +31,7 @@ extension OutgoingMigration {
             case .pong(let v):
                 if v == Wire.pingPackagedLoaded { lock.withLock { inbox.destinationRunning = true; lock.broadcast() } }
                 if v == Wire.pingEarlyDiscards { lock.withLock { inbox.earlyDiscardsApplied = true; lock.broadcast() } }
+                if v == Wire.pingCaughtUp { lock.withLock { inbox.caughtUp = true; lock.broadcast() } }
             case .switchoverAck:
                 continue
             case .error(let text):
