@@ -31,16 +31,7 @@ extension OutgoingMigration {
         discardedEarly.formUnion(toSend)
         header.removeAll()
         appendDiscards(of: toSend, to: &header)
-        header.ping(Wire.pingEarlyDiscards)
-        try ch.write(header)
-        try ch.flush()
-        do {
-            _ = try waitForDestination(seconds: SwitchoverWait.seconds, during: "the discards before the stop") {
-                inbox.earlyDiscardsApplied ? true : nil
-            }
-        } catch let e as MigrationError where e.code == .timeout {
-            // A slow destination: stop anyway, as without the wait.
-        }
+        try pingBeforeStop(ch, Wire.pingEarlyDiscards, during: "the discards before the stop") { inbox.earlyDiscardsApplied }
         timeline.mark("early-discards", now: Sys.monotonicNanos())
         stopGuestForSwitchover()
         let stopNanos = Sys.monotonicNanos()
@@ -222,6 +213,22 @@ extension OutgoingMigration {
                 if asked.pause { throw MigrationError.pausedByUser }
                 return nil
             }
+        }
+    }
+}
+
+extension OutgoingMigration {
+    /// Appends PING `value` to what `header` holds, sends it, and waits, guest still running,
+    /// until `answered` (read under the lock) says its PONG came back: at most
+    /// `SwitchoverWait.seconds`, then the stop goes ahead as without the wait.
+    func pingBeforeStop(_ ch: MigrationChannel, _ value: UInt32, during what: String, answered: () -> Bool) throws {
+        header.ping(value)
+        try ch.write(header)
+        try ch.flush()
+        do {
+            _ = try waitForDestination(seconds: SwitchoverWait.seconds, during: what) { answered() ? true : nil }
+        } catch let e as MigrationError where e.code == .timeout {
+            // A slow destination: stop anyway.
         }
     }
 }

@@ -111,14 +111,7 @@ extension OutgoingMigration {
             // after it, and the stop once its PONG is back, guest running until then.
             lock.withLock { inbox.caughtUp = false }
             header.removeAll()
-            header.ping(Wire.pingCaughtUp)
-            try ch.write(header)
-            try ch.flush()
-            do {
-                _ = try waitForDestination(seconds: SwitchoverWait.seconds, during: "the last pass") { inbox.caughtUp ? true : nil }
-            } catch let e as MigrationError where e.code == .timeout {
-                // A slow destination: stop anyway, as without the wait.
-            }
+            try pingBeforeStop(ch, Wire.pingCaughtUp, during: "the last pass") { inbox.caughtUp }
             timeline.mark("caught-up", now: Sys.monotonicNanos())
         }
         stopGuestForSwitchover()
