@@ -193,9 +193,9 @@ public final class PopulatedPages {
         let end = min(block.pageCount, start + limit)
         while start + n < end {
             let p = start + n
-            if p & 63 == 0, end - p >= 64, try !mayHoldData(p), bits.words[p >> 6] == 0 { n += 64; continue }
             guard try !mayHoldData(p) else { break }
-            n += 1
+            // A whole word of untouched pages at once (the chunk it is in was just read).
+            n += p & 63 == 0 && end - p >= 64 && bits.words[p >> 6] == 0 ? 64 : 1
         }
         return n
     }

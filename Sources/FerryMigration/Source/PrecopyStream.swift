@@ -246,6 +246,7 @@ extension OutgoingMigration {
             pagesThisPass += 1
             let neverTouched = try populated.map { try !$0.mayHoldData(i) } ?? false
             var wrote = true
+            var pages = 1
             if let deltas {
                 switch try sendWithXBZRLE(deltas, ch, i, named: first, knownZero: neverTouched, generation: generation, lastStage: lastStage) {
                 case .zero: duplicate += 1
@@ -256,21 +257,14 @@ extension OutgoingMigration {
             } else if neverTouched, !first, checkEvery == 64, let populated {
                 // A never-touched stretch (most of a big sparse guest's first pass): its
                 // ZERO records go in one write, not a call and a copy per record.
-                let run = 1 + toSend.takeRun(from: i + 1, limit: try populated.knownZeroRun(from: i + 1, limit: Self.zeroRunPages - 1))
-                try zeroRecords(ch, from: i, count: run)
-                duplicate += UInt64(run)
-                pagesThisPass += UInt64(run - 1)
-                cursor = i + run
-                batch += run
-                if batch >= checkEvery {
-                    batch = 0
-                    if try checkBudget(limited: limited, started: started, ch) { return false }
-                }
-                continue
+                pages = 1 + toSend.takeRun(from: i + 1, limit: try populated.knownZeroRun(from: i + 1, limit: Self.zeroRunPages - 1))
+                try zeroRecords(ch, from: i, count: pages)
+                duplicate += UInt64(pages)
+                pagesThisPass += UInt64(pages - 1)
             } else if try PageRecord.send(ch, block, i, named: first, knownZero: neverTouched, buffer: &header) { duplicate += 1 } else { normal += 1 }
             if wrote { first = false }
-            cursor = i + 1
-            batch += 1
+            cursor = i + pages
+            batch += pages
             if batch >= checkEvery {
                 batch = 0
                 if try checkBudget(limited: limited, started: started, ch) { return false }
